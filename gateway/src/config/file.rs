@@ -1,0 +1,229 @@
+//! The manifest as written: serde types that mirror the TOML one to one.
+//!
+//! These types are the user-facing format. They are parsed with unknown keys
+//! denied and then turned into the runtime tables by [`super::validate`]; the
+//! request path never sees them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+/// The whole manifest file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ManifestFile {
+    pub(crate) admin: Option<toml::Value>,
+    pub(crate) server: Option<ServerFile>,
+    #[serde(default)]
+    pub(crate) listener: Vec<ListenerFile>,
+    #[serde(default)]
+    pub(crate) plugin: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub(crate) upstream: BTreeMap<String, UpstreamFile>,
+    #[serde(default)]
+    pub(crate) route: Vec<RouteFile>,
+}
+
+/// `[server]`: process-wide settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerFile {
+    pub(crate) drain_timeout: Option<DurationText>,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListenerFile {
+    pub(crate) name: String,
+    pub(crate) listen: String,
+    pub(crate) tls: Option<Vec<TlsCertFile>>,
+    pub(crate) redirect_https: Option<u16>,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) header_read_timeout: Option<DurationText>,
+    pub(crate) max_header_bytes: Option<ByteSize>,
+    pub(crate) max_headers: Option<usize>,
+    pub(crate) max_body_bytes: Option<ByteSize>,
+}
+
+/// One certificate of a TLS listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsCertFile {
+    pub(crate) cert: String,
+    pub(crate) key: String,
+    pub(crate) sni: Option<Vec<String>>,
+}
+
+/// One `[upstream.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamFile {
+    pub(crate) endpoints: Vec<EndpointFile>,
+    pub(crate) balancer: Option<String>,
+    pub(crate) health: Option<toml::Value>,
+    pub(crate) passive: Option<toml::Value>,
+    pub(crate) retries: Option<toml::Value>,
+    pub(crate) keepalive: Option<usize>,
+    pub(crate) keepalive_timeout: Option<DurationText>,
+    pub(crate) connect_timeout: Option<DurationText>,
+    pub(crate) timeout: Option<DurationText>,
+}
+
+/// An endpoint: either `"host:port"` or a table with details.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum EndpointFile {
+    /// `"127.0.0.1:9101"`
+    Addr(String),
+    /// `{ addr = "127.0.0.1:9102", weight = 2, labels = { region = "eu" }, backup = false }`
+    Detailed(EndpointDetailFile),
+}
+
+/// The table form of an endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EndpointDetailFile {
+    pub(crate) addr: String,
+    pub(crate) weight: Option<u32>,
+    #[serde(default)]
+    pub(crate) labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) backup: bool,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteFile {
+    pub(crate) name: String,
+    #[serde(rename = "match", default)]
+    pub(crate) matcher: MatchFile,
+    pub(crate) upstream: String,
+    pub(crate) policies: Option<Vec<String>>,
+    pub(crate) max_body_bytes: Option<ByteSize>,
+}
+
+/// A route's `match` table. Every present field must match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MatchFile {
+    pub(crate) host: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) path_prefix: Option<String>,
+    pub(crate) methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub(crate) headers: BTreeMap<String, String>,
+}
+
+/// A duration written with units: `"250ms"`, `"2s"`, `"1m 30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DurationText(pub(crate) Duration);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = DurationText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration with units, like \"250ms\" or \"2s\"")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<DurationText, E> {
+                parse_duration(text).map(DurationText).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+/// Parses a duration with units. A bare number is refused: `"2"` could mean
+/// seconds or milliseconds, and guessing wrong is worse than an error.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "invalid duration \"{text}\": a unit is required, like \"{trimmed}s\" or \"{trimmed}ms\""
+        ));
+    }
+    humantime::parse_duration(trimmed)
+        .map_err(|e| format!("invalid duration \"{text}\": {e} (use units like \"250ms\" or \"2s\")"))
+}
+
+/// A size in bytes: an integer, or a string with a unit (`"16MiB"`, `"64KiB"`, `"1MB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ByteSize(pub(crate) u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size: a number of bytes or a string like \"16MiB\"")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {n}: must not be negative")))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
+                parse_size(text).map(ByteSize).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+/// Parses `"16MiB"`, `"64 KiB"`, `"1MB"`, `"512"` into bytes.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let bad = || format!("invalid size \"{text}\": use a number with a unit like \"16MiB\" or \"64KiB\"");
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("invalid size \"{text}\": too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("2").unwrap_err().contains("unit is required"));
+        assert!(parse_duration("2 parsecs").is_err());
+    }
+
+    #[test]
+    fn sizes_accept_binary_and_decimal_units() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("64 KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1MB"), Ok(1_000_000));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("12 furlongs").is_err());
+        assert!(parse_size("99999999999999GiB").unwrap_err().contains("too large"));
+    }
+}

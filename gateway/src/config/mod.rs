@@ -1,0 +1,587 @@
+//! The manifest: parsing, validation, and the immutable runtime tables the
+//! data plane reads.
+//!
+//! [`Config::load`] reads a TOML file, [`Config::parse`] a string. Both return
+//! every problem found, each naming the file, the key path and what is wrong,
+//! so `sluice check` can print them all at once.
+
+pub(crate) mod file;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use crate::route::{HostMatch, PathMatch, Route, RouteMatch, RouteTable};
+use file::{EndpointFile, ListenerFile, ManifestFile, RouteFile, UpstreamFile};
+
+/// Default bound on draining in-flight requests at shutdown.
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client has to send a request head (also the HTTP/1.1 keep-alive idle limit).
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on the request head (request line and headers).
+const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
+/// Smallest head limit the HTTP/1 parser supports.
+const MIN_MAX_HEADER_BYTES: u64 = 8 << 10;
+/// Default cap on the number of request headers.
+const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default cap on concurrent connections per listener.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default idle upstream connections kept per endpoint.
+const DEFAULT_KEEPALIVE: usize = 32;
+/// Default time an idle upstream connection is kept.
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default upstream TCP connect timeout.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default wait for an upstream's response head.
+const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A validated manifest: what the gateway serves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) source: PathBuf,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) listeners: Vec<ListenerConfig>,
+    pub(crate) upstreams: Vec<UpstreamConfig>,
+    pub(crate) routes: RouteTable,
+}
+
+/// One listener, ready to bind.
+#[derive(Clone)]
+pub(crate) struct ListenerConfig {
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) redirect_https: Option<u16>,
+    pub(crate) max_connections: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) max_body_bytes: Option<u64>,
+}
+
+impl fmt::Debug for ListenerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListenerConfig")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One upstream: its endpoints and how to talk to them.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamConfig {
+    pub(crate) name: String,
+    pub(crate) endpoints: Vec<EndpointConfig>,
+    pub(crate) keepalive: usize,
+    pub(crate) keepalive_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) timeout: Duration,
+}
+
+/// One endpoint of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EndpointConfig {
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) backup: bool,
+}
+
+/// Everything wrong with a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    file: PathBuf,
+    problems: Vec<Problem>,
+}
+
+/// One problem: the key path it is at and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, like `route[2].upstream`; empty for the whole file.
+    pub key: String,
+    /// What is wrong, naming the offending value.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// The problems found, in manifest order.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    fn single(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![Problem { key: key.into(), message: message.into() }],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if problem.key.is_empty() {
+                write!(f, "{}: {}", self.file.display(), problem.message)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file.display(), problem.key, problem.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::single(path, "", format!("cannot read manifest: {e}")))?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates manifest text; `origin` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let manifest = deserialize(text, origin)?;
+        let base = origin.parent().unwrap_or(Path::new("."));
+        Validator { base, problems: Vec::new() }.validate(manifest, origin)
+    }
+
+    /// Where this config was read from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Every distinct endpoint address of every upstream.
+    pub fn endpoint_addrs(&self) -> Vec<SocketAddr> {
+        let mut seen = HashSet::new();
+        self.upstreams
+            .iter()
+            .flat_map(|u| u.endpoints.iter().map(|e| e.addr))
+            .filter(|addr| seen.insert(*addr))
+            .collect()
+    }
+
+    /// Listener names with the addresses they are configured to bind.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr, bool)> {
+        self.listeners.iter().map(|l| (l.name.clone(), l.addr, l.tls.is_some())).collect()
+    }
+}
+
+/// TOML → file types, with the key path and line of the first error.
+fn deserialize(text: &str, origin: &Path) -> Result<ManifestFile, ConfigError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+        ConfigError::single(origin, "", format!("{}{}", e.message(), line_suffix(text, e.span())))
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = display_path(e.path());
+        let inner = e.into_inner();
+        ConfigError::single(origin, key, format!("{}{}", inner.message(), line_suffix(text, inner.span())))
+    })
+}
+
+/// `a.b[0].c` from serde_path_to_error's path (which writes `a.b[0].c` already,
+/// except for the root `.`).
+fn display_path(path: &serde_path_to_error::Path) -> String {
+    let text = path.to_string();
+    if text == "." { String::new() } else { text }
+}
+
+fn line_suffix(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) if span.start <= text.len() => {
+            let before = &text[..span.start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        }
+        _ => String::new(),
+    }
+}
+
+/// Collects problems while turning file types into runtime tables.
+struct Validator<'a> {
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { key: key.into(), message: message.into() });
+    }
+
+    fn validate(mut self, manifest: ManifestFile, origin: &Path) -> Result<Config, ConfigError> {
+        if manifest.admin.is_some() {
+            self.problem("admin", "the admin API is not implemented in this build yet; remove [admin]");
+        }
+        for name in manifest.plugin.keys() {
+            self.problem(
+                format!("plugin.{name}"),
+                "policy plugins are not implemented in this build yet; remove [plugin.*]",
+            );
+        }
+        if manifest.listener.is_empty() {
+            self.problem("listener", "at least one [[listener]] is required");
+        }
+        if manifest.route.is_empty() {
+            self.problem("route", "at least one [[route]] is required");
+        }
+
+        let listeners = self.listeners(&manifest.listener);
+        let upstream_names: Vec<&str> = manifest.upstream.keys().map(String::as_str).collect();
+        let upstreams: Vec<UpstreamConfig> = manifest
+            .upstream
+            .iter()
+            .map(|(name, upstream)| self.upstream(name, upstream))
+            .collect();
+        let routes = self.routes(&manifest.route, &upstream_names);
+        for (dead, winner) in routes.shadowed() {
+            let index = manifest.route.iter().position(|r| r.name.as_str() == dead).unwrap_or(0);
+            self.problem(
+                format!("route[{index}].match"),
+                format!("route \"{dead}\" can never match: route \"{winner}\" matches every request it would and takes precedence"),
+            );
+        }
+
+        let drain_timeout = manifest
+            .server
+            .and_then(|s| s.drain_timeout)
+            .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0);
+
+        if self.problems.is_empty() {
+            Ok(Config { source: origin.to_path_buf(), drain_timeout, listeners, upstreams, routes })
+        } else {
+            Err(ConfigError { file: origin.to_path_buf(), problems: self.problems })
+        }
+    }
+
+    fn listeners(&mut self, files: &[ListenerFile]) -> Vec<ListenerConfig> {
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut out = Vec::new();
+        for (i, file) in files.iter().enumerate() {
+            let key = format!("listener[{i}]");
+            if !names.insert(file.name.as_str()) {
+                self.problem(format!("{key}.name"), format!("duplicate listener name \"{}\"", file.name));
+            }
+            check_name(self, &format!("{key}.name"), &file.name);
+            let addr = match file.listen.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if addr.port() != 0 && !addrs.insert(addr) {
+                        self.problem(format!("{key}.listen"), format!("address {addr} is used by another listener"));
+                    }
+                    addr
+                }
+                Err(_) => {
+                    self.problem(
+                        format!("{key}.listen"),
+                        format!("invalid address \"{}\": expected IP:port, like \"0.0.0.0:8080\" or \"[::]:8443\"", file.listen),
+                    );
+                    continue;
+                }
+            };
+            let tls = match &file.tls {
+                None => None,
+                Some(certs) => match crate::proxy::tls::server_config(certs, self.base) {
+                    Ok(config) => Some(Arc::new(config)),
+                    Err((sub, message)) => {
+                        self.problem(format!("{key}.tls{sub}"), message);
+                        None
+                    }
+                },
+            };
+            if file.redirect_https.is_some() && file.tls.is_some() {
+                self.problem(format!("{key}.redirect_https"), "only a plain (non-TLS) listener can redirect to https");
+            }
+            let max_header_bytes = file.max_header_bytes.map_or(DEFAULT_MAX_HEADER_BYTES, |b| b.0);
+            if max_header_bytes < MIN_MAX_HEADER_BYTES {
+                self.problem(
+                    format!("{key}.max_header_bytes"),
+                    format!("{max_header_bytes} bytes is below the minimum of 8KiB"),
+                );
+            }
+            if file.max_connections == Some(0) {
+                self.problem(format!("{key}.max_connections"), "must be at least 1");
+            }
+            if file.max_headers == Some(0) {
+                self.problem(format!("{key}.max_headers"), "must be at least 1");
+            }
+            out.push(ListenerConfig {
+                name: file.name.clone(),
+                addr,
+                tls,
+                redirect_https: file.redirect_https,
+                max_connections: file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                header_read_timeout: file.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+                max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+                max_headers: file.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
+                max_body_bytes: file.max_body_bytes.map(|b| b.0),
+            });
+        }
+        out
+    }
+
+    fn upstream(&mut self, name: &str, file: &UpstreamFile) -> UpstreamConfig {
+        let key = format!("upstream.{name}");
+        check_name(self, &key, name);
+        if file.endpoints.is_empty() {
+            self.problem(format!("{key}.endpoints"), "at least one endpoint is required");
+        }
+        let mut endpoints = Vec::new();
+        for (i, endpoint) in file.endpoints.iter().enumerate() {
+            let (addr_text, weight, labels, backup) = match endpoint {
+                EndpointFile::Addr(addr) => (addr, None, BTreeMap::new(), false),
+                EndpointFile::Detailed(d) => (&d.addr, d.weight, d.labels.clone(), d.backup),
+            };
+            let Ok(addr) = addr_text.parse::<SocketAddr>() else {
+                self.problem(
+                    format!("{key}.endpoints[{i}]"),
+                    format!("invalid address \"{addr_text}\": expected IP:port, like \"127.0.0.1:9101\" (DNS names are not supported yet)"),
+                );
+                continue;
+            };
+            if weight == Some(0) {
+                self.problem(format!("{key}.endpoints[{i}].weight"), "must be at least 1");
+            }
+            if endpoints.iter().any(|e: &EndpointConfig| e.addr == addr) {
+                self.problem(format!("{key}.endpoints[{i}]"), format!("endpoint {addr} is listed twice"));
+            }
+            endpoints.push(EndpointConfig { addr, weight: weight.unwrap_or(1), labels, backup });
+        }
+        if !endpoints.is_empty() && endpoints.iter().all(|e| e.backup) {
+            self.problem(format!("{key}.endpoints"), "every endpoint is a backup; at least one must be primary");
+        }
+        match file.balancer.as_deref() {
+            None | Some("rr" | "round-robin") => {}
+            Some(other) => self.problem(
+                format!("{key}.balancer"),
+                format!("balancer \"{other}\" is not available: this build has only the core's \"round-robin\" (balancer plugins are not implemented yet)"),
+            ),
+        }
+        for (field, present) in [("health", file.health.is_some()), ("passive", file.passive.is_some()), ("retries", file.retries.is_some())] {
+            if present {
+                self.problem(format!("{key}.{field}"), format!("`{field}` is not implemented in this build yet; remove it"));
+            }
+        }
+        for (field, value) in [("connect_timeout", file.connect_timeout), ("timeout", file.timeout)] {
+            if value.is_some_and(|d| d.0.is_zero()) {
+                self.problem(format!("{key}.{field}"), "must be greater than zero");
+            }
+        }
+        UpstreamConfig {
+            name: name.to_string(),
+            endpoints,
+            keepalive: file.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
+            keepalive_timeout: file.keepalive_timeout.map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
+            connect_timeout: file.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            timeout: file.timeout.map_or(DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
+        }
+    }
+
+    fn routes(&mut self, files: &[RouteFile], upstream_names: &[&str]) -> RouteTable {
+        let mut names = HashSet::new();
+        let mut routes = Vec::new();
+        for (i, file) in files.iter().enumerate() {
+            let key = format!("route[{i}]");
+            if !names.insert(file.name.as_str()) {
+                self.problem(format!("{key}.name"), format!("duplicate route name \"{}\"", file.name));
+            }
+            check_name(self, &format!("{key}.name"), &file.name);
+            let upstream = upstream_names.iter().position(|n| *n == file.upstream);
+            if upstream.is_none() {
+                let hint = closest(&file.upstream, upstream_names)
+                    .map(|n| format!(" (did you mean \"{n}\"?)"))
+                    .unwrap_or_default();
+                self.problem(
+                    format!("{key}.upstream"),
+                    format!("route \"{}\": upstream \"{}\" is not defined{hint}", file.name, file.upstream),
+                );
+            }
+            if file.policies.as_ref().is_some_and(|p| !p.is_empty()) {
+                self.problem(format!("{key}.policies"), "policy plugins are not implemented in this build yet; remove `policies`");
+            }
+            let Some(matcher) = self.route_match(&key, file) else { continue };
+            routes.push(Route {
+                name: Arc::from(file.name.as_str()),
+                matcher,
+                upstream: upstream.unwrap_or(0),
+                max_body_bytes: file.max_body_bytes.map(|b| b.0),
+                order: i,
+            });
+        }
+        RouteTable::new(routes)
+    }
+
+    fn route_match(&mut self, key: &str, file: &RouteFile) -> Option<RouteMatch> {
+        let m = &file.matcher;
+        let before = self.problems.len();
+        let host = match m.host.as_deref() {
+            None | Some("*") => HostMatch::Any,
+            Some(host) => {
+                let host = host.to_ascii_lowercase();
+                if let Some(suffix) = host.strip_prefix("*.") {
+                    if !valid_hostname(suffix) {
+                        self.problem(format!("{key}.match.host"), format!("invalid host pattern \"{host}\""));
+                    }
+                    HostMatch::Wildcard(format!(".{suffix}"))
+                } else {
+                    if !valid_hostname(&host) {
+                        self.problem(
+                            format!("{key}.match.host"),
+                            format!("invalid host \"{host}\": expected a name like \"api.example.com\" or \"*.example.com\" (no port)"),
+                        );
+                    }
+                    HostMatch::Exact(host)
+                }
+            }
+        };
+        let path = match (&m.path, &m.path_prefix) {
+            (Some(_), Some(_)) => {
+                self.problem(format!("{key}.match"), "set either `path` or `path_prefix`, not both");
+                PathMatch::Any
+            }
+            (Some(path), None) => {
+                if !path.starts_with('/') {
+                    self.problem(format!("{key}.match.path"), format!("path \"{path}\" must start with '/'"));
+                }
+                PathMatch::Exact(path.clone())
+            }
+            (None, Some(prefix)) => {
+                if !prefix.starts_with('/') {
+                    self.problem(format!("{key}.match.path_prefix"), format!("prefix \"{prefix}\" must start with '/'"));
+                }
+                if prefix == "/" { PathMatch::Any } else { PathMatch::Prefix(prefix.clone()) }
+            }
+            (None, None) => PathMatch::Any,
+        };
+        let mut methods = Vec::new();
+        if let Some(list) = &m.methods {
+            if list.is_empty() {
+                self.problem(format!("{key}.match.methods"), "an empty list can never match; remove `methods` to match any method");
+            }
+            for (j, text) in list.iter().enumerate() {
+                match Method::from_bytes(text.to_ascii_uppercase().as_bytes()) {
+                    Ok(method) if !methods.contains(&method) => methods.push(method),
+                    Ok(_) => self.problem(format!("{key}.match.methods[{j}]"), format!("method \"{text}\" is listed twice")),
+                    Err(_) => self.problem(format!("{key}.match.methods[{j}]"), format!("invalid method \"{text}\"")),
+                }
+            }
+        }
+        let mut headers = Vec::new();
+        for (name, value) in &m.headers {
+            let parsed = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value));
+            match parsed {
+                (Ok(name), Ok(value)) => headers.push((name, value)),
+                (Err(_), _) => self.problem(format!("{key}.match.headers.{name}"), format!("invalid header name \"{name}\"")),
+                (_, Err(_)) => self.problem(format!("{key}.match.headers.{name}"), format!("invalid header value \"{value}\"")),
+            }
+        }
+        (self.problems.len() == before).then_some(RouteMatch { host, path, methods, headers })
+    }
+}
+
+fn check_name(validator: &mut Validator<'_>, key: &str, name: &str) {
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        validator.problem(key, format!("invalid name \"{name}\": use letters, digits, '-' and '_'"));
+    }
+}
+
+fn valid_hostname(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// The defined name closest to a misspelt one, when it is close enough to be a typo.
+fn closest<'a>(wanted: &str, names: &[&'a str]) -> Option<&'a str> {
+    names
+        .iter()
+        .map(|name| (edit_distance(wanted, name), *name))
+        .filter(|(distance, name)| *distance <= 2.max(name.len() / 3))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, name)| name)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::parse(text, Path::new("t.toml")) {
+            Ok(_) => vec![],
+            Err(e) => e.problems().iter().map(|p| format!("{}: {}", p.key, p.message)).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"
+        [[listener]]
+        name = "web"
+        listen = "127.0.0.1:0"
+        [upstream.api]
+        endpoints = ["127.0.0.1:9101", { addr = "127.0.0.1:9102", weight = 2 }]
+        [[route]]
+        name = "api"
+        match = { path_prefix = "/v1/" }
+        upstream = "api"
+    "#;
+
+    #[test]
+    fn a_good_manifest_parses() {
+        let config = Config::parse(GOOD, Path::new("t.toml")).expect("valid");
+        assert_eq!(config.upstreams[0].endpoints[1].weight, 2);
+        assert_eq!(&*config.routes.routes()[0].name, "api");
+    }
+
+    #[test]
+    fn unknown_keys_name_their_path_and_line() {
+        let errs = errors(&GOOD.replace("weight = 2", "wieght = 2"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("upstream.api.endpoints"), "{errs:?}");
+        let errs = errors(&GOOD.replace("upstream = \"api\"", "upstream = \"api\"\ntimeout = \"1s\""));
+        assert!(errs[0].starts_with("route[0]: unknown field `timeout`"), "{errs:?}");
+        assert!(errs[0].contains("line "), "{errs:?}");
+    }
+
+    #[test]
+    fn undefined_upstream_suggests_the_close_name() {
+        let errs = errors(&GOOD.replace("upstream = \"api\"", "upstream = \"apx\""));
+        assert_eq!(errs, vec!["route[0].upstream: route \"api\": upstream \"apx\" is not defined (did you mean \"api\"?)"]);
+    }
+
+    #[test]
+    fn bad_durations_and_addresses_are_named() {
+        let errs = errors(&GOOD.replace("[upstream.api]", "[upstream.api]\nconnect_timeout = \"5\""));
+        assert!(errs[0].starts_with("upstream.api.connect_timeout: invalid duration \"5\""), "{errs:?}");
+        let errs = errors(&GOOD.replace("127.0.0.1:0", "localhost"));
+        assert!(errs[0].starts_with("listener[0].listen: invalid address \"localhost\""), "{errs:?}");
+    }
+}

@@ -1,0 +1,290 @@
+//! The data plane: listeners, TLS, the HTTP service and forwarding.
+//!
+//! [`Gateway::bind`] opens every listener (so a port-0 manifest learns its
+//! ports before serving); [`Gateway::serve`] accepts until the shutdown
+//! future resolves, then stops accepting and drains in-flight requests.
+
+pub(crate) mod body;
+mod forward;
+mod service;
+pub(crate) mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ListenerConfig};
+use crate::route::RouteTable;
+use crate::upstream::Upstream;
+pub use body::ResponseBody;
+use service::ConnectionContext;
+
+/// Accept backlog of each listening socket.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// What the request path reads, swapped whole on reload.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    pub(crate) routes: RouteTable,
+    pub(crate) upstreams: Vec<Upstream>,
+}
+
+impl Tables {
+    fn new(config: &Config) -> Self {
+        Tables {
+            routes: config.routes.clone(),
+            upstreams: config.upstreams.iter().map(Upstream::new).collect(),
+        }
+    }
+}
+
+/// A listener's settings and shared state, one per listener.
+pub(crate) struct ListenerContext {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: ListenerConfig,
+    pub(crate) tables: Arc<ArcSwap<Tables>>,
+    http: auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ListenerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerContext").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener's address could not be bound.
+    #[error("listener \"{name}\": cannot listen on {addr}: {source}")]
+    Bind {
+        /// The listener's name.
+        name: String,
+        /// The address it asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// A gateway with its listeners bound, ready to serve.
+pub struct Gateway {
+    listeners: Vec<(Arc<ListenerContext>, TcpListener)>,
+    tables: Arc<ArcSwap<Tables>>,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("listeners", &self.local_addrs()).finish_non_exhaustive()
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every connection finished its in-flight requests.
+    Complete,
+    /// The drain timeout passed with connections still open; they were dropped.
+    TimedOut {
+        /// Connections still open at the deadline.
+        open: usize,
+    },
+}
+
+impl Gateway {
+    /// Binds every listener of `config`. Must run inside a Tokio runtime.
+    pub async fn bind(config: &Config) -> Result<Gateway, StartError> {
+        let tables = Arc::new(ArcSwap::from_pointee(Tables::new(config)));
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            let socket = bind_socket(listener.addr).map_err(|source| StartError::Bind {
+                name: listener.name.clone(),
+                addr: listener.addr,
+                source,
+            })?;
+            let context = ListenerContext {
+                name: Arc::from(listener.name.as_str()),
+                http: http_builder(listener),
+                tls: listener.tls.clone().map(TlsAcceptor::from),
+                config: listener.clone(),
+                tables: tables.clone(),
+            };
+            listeners.push((Arc::new(context), socket));
+        }
+        Ok(Gateway { listeners, tables, drain_timeout: config.drain_timeout })
+    }
+
+    /// Each listener's name and the address it is bound to.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(ctx, socket)| socket.local_addr().ok().map(|addr| (ctx.name.to_string(), addr)))
+            .collect()
+    }
+
+    /// The bound address of the listener called `name`.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(ctx, _)| &*ctx.name == name)
+            .and_then(|(_, socket)| socket.local_addr().ok())
+    }
+
+    /// A handle that swaps in new routes and upstreams while serving.
+    pub fn reloader(&self) -> Reloader {
+        Reloader { tables: self.tables.clone() }
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish for up to the drain timeout, and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drained {
+        let graceful = Arc::new(GracefulShutdown::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut accept_loops = Vec::new();
+        for (context, socket) in self.listeners {
+            accept_loops.push(tokio::spawn(accept_loop(context, socket, graceful.clone(), stop_rx.clone())));
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        for accept in accept_loops {
+            // Each loop ends at once on the stop signal, closing its socket.
+            let _ = accept.await;
+        }
+        // The accept loops held the only other references.
+        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+        let open = graceful.count();
+        tracing::info!(open_connections = open, drain_timeout = ?self.drain_timeout, "stopped accepting; draining");
+        match tokio::time::timeout(self.drain_timeout, graceful.shutdown()).await {
+            Ok(()) => Drained::Complete,
+            Err(_) => Drained::TimedOut { open },
+        }
+    }
+}
+
+/// Publishes a new config's routes and upstreams to a running gateway.
+#[derive(Clone)]
+pub struct Reloader {
+    tables: Arc<ArcSwap<Tables>>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Swaps in `config`'s routes and upstreams. Requests already running keep
+    /// the tables they started with. Listener changes need a restart.
+    pub fn apply(&self, config: &Config) {
+        self.tables.store(Arc::new(Tables::new(config)));
+    }
+}
+
+fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+fn http_builder(listener: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(listener.header_read_timeout)
+        .max_buf_size(listener.max_header_bytes)
+        .max_headers(listener.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(listener.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+async fn accept_loop(
+    context: Arc<ListenerContext>,
+    socket: TcpListener,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(context.config.max_connections));
+    loop {
+        // Past max_connections we stop accepting; clients wait in the backlog.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = &*context.name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let context = context.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            serve_connection(context, stream, peer, watcher).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(context: Arc<ListenerContext>, stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    let _ = stream.set_nodelay(true);
+    match context.tls.clone() {
+        None => {
+            let conn = Arc::new(ConnectionContext { listener: context.clone(), peer, https: false });
+            serve_http(&context, TokioIo::new(stream), conn, watcher).await;
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(context.config.header_read_timeout, acceptor.accept(stream)).await;
+            match handshake {
+                Ok(Ok(tls)) => {
+                    let conn = Arc::new(ConnectionContext { listener: context.clone(), peer, https: true });
+                    serve_http(&context, TokioIo::new(tls), conn, watcher).await;
+                }
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_http<I>(context: &ListenerContext, io: TokioIo<I>, conn: Arc<ConnectionContext>, watcher: Watcher)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| service::handle(conn.clone(), req));
+    let connection = context.http.serve_connection_with_upgrades(io, service).into_owned();
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}

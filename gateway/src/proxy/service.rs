@@ -1,0 +1,240 @@
+//! One request, start to end: redirect or route, check limits, pick an
+//! endpoint, forward, and turn the outcome into the client's response.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::ListenerContext;
+use super::body::{RequestBody, RequestBodyError, ResponseBody};
+use super::forward::{self, ClientHop};
+use crate::route::{RequestFacts, request_host};
+use crate::telemetry::{self, AccessRecord};
+
+/// Everything a request needs to know about its connection.
+#[derive(Debug)]
+pub(crate) struct ConnectionContext {
+    pub(crate) listener: Arc<ListenerContext>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) https: bool,
+}
+
+/// What happened to a request, for the access log.
+#[derive(Debug, Default)]
+struct Outcome {
+    route: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    upstream_ms: Option<f64>,
+    error: Option<&'static str>,
+}
+
+/// hyper's entry point for each request on a connection.
+pub(crate) async fn handle(
+    conn: Arc<ConnectionContext>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    let request_id = forward::ensure_request_id(req.headers_mut());
+    let head = telemetry::access_log_enabled().then(|| {
+        (req.method().clone(), req.uri().clone(), request_host(req.uri(), req.headers()).into_owned(), req.version())
+    });
+    let mut outcome = Outcome::default();
+    let response = proxy(&conn, req, &mut outcome, started).await;
+    let Some((method, uri, host, version)) = head else {
+        return Ok(response);
+    };
+    let record = AccessRecord {
+        started,
+        listener: conn.listener.name.clone(),
+        client: conn.peer,
+        method,
+        uri,
+        host,
+        version,
+        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+        route: outcome.route,
+        upstream: outcome.upstream,
+        endpoint: outcome.endpoint,
+        status: response.status().as_u16(),
+        upstream_ms: outcome.upstream_ms,
+        error: outcome.error,
+        bytes_sent: 0,
+        body_complete: false,
+        upstream_body_error: false,
+    };
+    Ok(response.map(|body| body.with_log(Some(Box::new(record)))))
+}
+
+async fn proxy(
+    conn: &ConnectionContext,
+    mut req: Request<Incoming>,
+    outcome: &mut Outcome,
+    started: Instant,
+) -> Response<ResponseBody> {
+    let listener = &conn.listener;
+    if let Some(port) = listener.config.redirect_https {
+        return redirect_to_https(&req, port, outcome);
+    }
+
+    let tables = listener.tables.load_full();
+    let route = {
+        let host = request_host(req.uri(), req.headers());
+        let facts = RequestFacts { host: &host, path: req.uri().path(), method: req.method(), headers: req.headers() };
+        tables.routes.find(&facts)
+    };
+    let Some(route) = route else {
+        return local(StatusCode::NOT_FOUND, "no route matches this request\n", "no-route", outcome);
+    };
+    outcome.route = Some(route.name.clone());
+
+    let body_limit = route.max_body_bytes.or(listener.config.max_body_bytes);
+    if let Some(limit) = body_limit {
+        if content_length(&req).is_some_and(|length| length > limit) {
+            return local(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n", "body-too-large", outcome);
+        }
+    }
+
+    let Some(upstream) = tables.upstreams.get(route.upstream) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "no upstream\n", "no-upstream", outcome);
+    };
+    outcome.upstream = Some(upstream.name.clone());
+    let Some(endpoint) = upstream.pick() else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "no endpoint available\n", "no-endpoint", outcome);
+    };
+    outcome.endpoint = Some(endpoint.addr);
+
+    let upgrade = forward::upgrade_request(req.version(), req.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let hop = ClientHop {
+        ip: conn.peer.ip(),
+        https: conn.https,
+        version: parts.version,
+        authority: parts.uri.authority(),
+    };
+    forward::request_headers(&mut parts.headers, hop, upgrade);
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(endpoint.authority.clone());
+    uri.path_and_query = parts.uri.path_and_query().cloned().or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    match Uri::from_parts(uri) {
+        Ok(uri) => parts.uri = uri,
+        Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n", "bad-uri", outcome),
+    }
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, RequestBody::new(body, body_limit));
+
+    let sent = tokio::time::timeout(upstream.timeout, upstream.client.request(upstream_req)).await;
+    let mut response = match sent {
+        Err(_elapsed) => {
+            return local(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n", "upstream-timeout", outcome);
+        }
+        Ok(Err(error)) => {
+            let (status, kind, text) = classify(&error);
+            tracing::debug!(%error, endpoint = %endpoint.addr, "upstream request failed");
+            return local(status, text, kind, outcome);
+        }
+        Ok(Ok(response)) => response,
+    };
+    outcome.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            return response.map(|_| ResponseBody::local(bytes::Bytes::new()));
+        }
+    }
+    forward::response_headers(response.headers_mut());
+    response.map(ResponseBody::upstream)
+}
+
+/// Copies bytes both ways between an upgraded client and upstream until either closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = tokio::join!(client, upstream);
+    match (client, upstream) {
+        (Ok(client), Ok(upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(%error, "upgraded connection ended with an error");
+            }
+        }
+        (client, upstream) => {
+            tracing::debug!(client_ok = client.is_ok(), upstream_ok = upstream.is_ok(), "upgrade did not complete");
+        }
+    }
+}
+
+/// Maps a failed upstream exchange to the client's status: 413 when our body
+/// limit cut the upload, 504 for a connect timeout, 502 for every other failure.
+fn classify(error: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str, &'static str) {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+    let mut timed_out = false;
+    while let Some(cause) = source {
+        if let Some(body_error) = cause.downcast_ref::<RequestBodyError>() {
+            return match body_error {
+                RequestBodyError::TooLarge { .. } => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "request body too large\n")
+                }
+                RequestBodyError::Client(_) => (StatusCode::BAD_REQUEST, "client-body-error", "request body failed\n"),
+            };
+        }
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            timed_out = true;
+        }
+        source = cause.source();
+    }
+    match (error.is_connect(), timed_out) {
+        (true, true) => (StatusCode::GATEWAY_TIMEOUT, "connect-timeout", "upstream connect timed out\n"),
+        (true, false) => (StatusCode::BAD_GATEWAY, "connect-failed", "upstream connection failed\n"),
+        (false, _) => (StatusCode::BAD_GATEWAY, "upstream-error", "upstream failed\n"),
+    }
+}
+
+fn content_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn redirect_to_https(req: &Request<Incoming>, port: u16, outcome: &mut Outcome) -> Response<ResponseBody> {
+    let host = request_host(req.uri(), req.headers());
+    if host.is_empty() {
+        return local(StatusCode::BAD_REQUEST, "a Host header is required\n", "no-host", outcome);
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 { format!("https://{host}{path}") } else { format!("https://{host}:{port}{path}") };
+    outcome.error = Some("redirect-https");
+    match HeaderValue::from_str(&location) {
+        Ok(location) => {
+            let mut response = Response::new(ResponseBody::local(bytes::Bytes::new()));
+            *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+        }
+        Err(_) => local(StatusCode::BAD_REQUEST, "bad request target\n", "bad-uri", outcome),
+    }
+}
+
+/// A response made by the gateway itself, with the reason logged.
+fn local(status: StatusCode, text: &'static str, kind: &'static str, outcome: &mut Outcome) -> Response<ResponseBody> {
+    outcome.error = Some(kind);
+    let mut response = Response::new(ResponseBody::local(bytes::Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
