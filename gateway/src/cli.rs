@@ -5,7 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Config, Drained, Gateway, telemetry};
+use std::net::SocketAddr;
+use std::sync::mpsc;
+
+use tokio::sync::watch;
+
+use crate::{Config, Drained, Gateway, Reloader, bind_for_workers, telemetry};
 
 /// Exit status for a manifest that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -13,7 +18,11 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_START: u8 = 1;
 
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about = "An edge gateway programmable with WebAssembly")]
+#[command(
+    name = "sluice",
+    version,
+    about = "An edge gateway programmable with WebAssembly"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,9 +91,10 @@ fn run(path: &Path, workers: Option<usize>, demo: bool) -> ExitCode {
         .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
         .unwrap_or(1)
         .max(1);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("sluice-worker")
+    let _log_guard = telemetry::init();
+    // The main thread's runtime handles signals, reloads and the demo's backends;
+    // requests are served by the worker threads.
+    let control = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -94,61 +104,169 @@ fn run(path: &Path, workers: Option<usize>, demo: bool) -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    let _log_guard = telemetry::init();
-    runtime.block_on(async move {
-        if demo {
+    if demo {
+        let started = control.block_on(async {
             for addr in config.endpoint_addrs() {
-                if let Err(error) = crate::demo::spawn_echo_backend(addr).await {
-                    eprintln!("demo: cannot start an echo backend on {addr}: {error}");
-                    return ExitCode::from(EXIT_START);
-                }
+                crate::demo::spawn_echo_backend(addr)
+                    .await
+                    .map_err(|error| {
+                        format!("demo: cannot start an echo backend on {addr}: {error}")
+                    })?;
             }
+            Ok::<(), String>(())
+        });
+        if let Err(error) = started {
+            eprintln!("{error}");
+            return ExitCode::from(EXIT_START);
         }
-        let gateway = match Gateway::bind(&config).await {
-            Ok(gateway) => gateway,
+    }
+    let sockets = match bind_for_workers(&config, workers) {
+        Ok(sockets) => sockets,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let bound: Vec<(String, SocketAddr)> = config
+        .listener_addrs()
+        .into_iter()
+        .zip(&sockets[0])
+        .map(|((name, configured, _), socket)| (name, socket.local_addr().unwrap_or(configured)))
+        .collect();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut threads = Vec::new();
+    for (index, sockets) in sockets.into_iter().enumerate() {
+        let config = config.clone();
+        let stop = stop_rx.clone();
+        let ready = ready_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("sluice-worker-{index}"))
+            .spawn(move || serve_worker(&config, sockets, stop, &ready));
+        match spawned {
+            Ok(thread) => threads.push(thread),
             Err(error) => {
-                eprintln!("{error}");
+                eprintln!("cannot start worker thread {index}: {error}");
                 return ExitCode::from(EXIT_START);
             }
-        };
-        for (name, addr) in gateway.local_addrs() {
-            tracing::info!(listener = name, %addr, workers, "listening");
         }
-        if demo {
-            print_demo_help(&gateway, &config);
-        }
-        tokio::spawn(reload_on_sighup(path.to_path_buf(), config.clone(), gateway.reloader()));
-        match gateway.serve(shutdown_signal()).await {
-            Drained::Complete => tracing::info!("drained; exiting"),
-            Drained::TimedOut { open } => {
-                tracing::warn!(open_connections = open, "drain timeout passed; closing remaining connections")
+    }
+    drop(ready_tx);
+    let mut reloaders = Vec::with_capacity(workers);
+    for ready in ready_rx.iter().take(workers) {
+        match ready {
+            Ok(reloader) => reloaders.push(reloader),
+            Err(error) => {
+                eprintln!("{error}");
+                let _ = stop_tx.send(true);
+                return ExitCode::from(EXIT_START);
             }
         }
-        ExitCode::SUCCESS
+    }
+
+    for (name, addr) in &bound {
+        tracing::info!(listener = name, %addr, workers, "listening");
+    }
+    if demo {
+        print_demo_help(&bound, &config);
+    }
+    control.block_on(async {
+        tokio::spawn(reload_on_sighup(
+            path.to_path_buf(),
+            config.clone(),
+            reloaders,
+        ));
+        shutdown_signal().await;
+    });
+    let _ = stop_tx.send(true);
+    let mut open = 0;
+    for thread in threads {
+        if let Ok(Drained::TimedOut { open: left }) = thread.join() {
+            open += left;
+        }
+    }
+    if open == 0 {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(
+            open_connections = open,
+            "drain timeout passed; closed the remaining connections"
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// One worker thread: a current-thread runtime serving its own sockets with
+/// its own upstream pools, so no request crosses threads.
+fn serve_worker(
+    config: &Config,
+    sockets: Vec<std::net::TcpListener>,
+    mut stop: watch::Receiver<bool>,
+    ready: &mpsc::Sender<Result<Reloader, String>>,
+) -> Drained {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let _ = ready.send(Err(format!("cannot start a worker runtime: {error}")));
+            return Drained::Complete;
+        }
+    };
+    runtime.block_on(async {
+        let gateway = match Gateway::from_listeners(config, sockets) {
+            Ok(gateway) => gateway,
+            Err(error) => {
+                let _ = ready.send(Err(error.to_string()));
+                return Drained::Complete;
+            }
+        };
+        let _ = ready.send(Ok(gateway.reloader()));
+        gateway
+            .serve(async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })
+            .await
     })
 }
 
-fn print_demo_help(gateway: &Gateway, config: &Config) {
-    let backends: Vec<String> = config.endpoint_addrs().iter().map(ToString::to_string).collect();
+fn print_demo_help(bound: &[(String, SocketAddr)], config: &Config) {
+    let backends: Vec<String> = config
+        .endpoint_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     println!();
-    println!("Sluice demo is running. Echo backends: {}", backends.join(", "));
-    for (name, addr) in gateway.local_addrs() {
+    println!(
+        "Sluice demo is running. Echo backends: {}",
+        backends.join(", ")
+    );
+    for (name, addr) in bound {
         println!("  listener {name}: http://{addr}/");
     }
-    if let Some((_, addr)) = gateway.local_addrs().first() {
+    if let Some((_, addr)) = bound.first() {
         println!();
         println!("Try:");
-        println!("  curl -s http://{addr}/api/hello            # round-robin across the echo backends");
-        println!("  curl -s -H 'x-canary: 1' http://{addr}/api/  # header match picks the canary route");
-        println!("  curl -s --http2-prior-knowledge http://{addr}/api/h2   # HTTP/2 in, HTTP/1.1 upstream");
+        println!(
+            "  curl -s http://{addr}/api/hello            # round-robin across the echo backends"
+        );
+        println!(
+            "  curl -s -H 'x-canary: 1' http://{addr}/api/  # header match picks the canary route"
+        );
+        println!(
+            "  curl -s --http2-prior-knowledge http://{addr}/api/h2   # HTTP/2 in, HTTP/1.1 upstream"
+        );
         println!("  curl -si http://{addr}/nowhere                # no route: 404");
         println!();
         println!("Access log lines (JSON) follow. Ctrl-C drains and exits.");
     }
 }
 
-async fn reload_on_sighup(path: PathBuf, mut current: Config, reloader: crate::Reloader) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+async fn reload_on_sighup(path: PathBuf, mut current: Config, reloaders: Vec<Reloader>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
         tracing::warn!("cannot listen for SIGHUP; reload by restart only");
         return;
     };
@@ -163,7 +281,9 @@ async fn reload_on_sighup(path: PathBuf, mut current: Config, reloader: crate::R
                 if config.listener_addrs() != current.listener_addrs() {
                     tracing::warn!("listener changes in the manifest take effect on restart only");
                 }
-                reloader.apply(&config);
+                for reloader in &reloaders {
+                    reloader.apply(&config);
+                }
                 tracing::info!(manifest = %path.display(), "reloaded routes and upstreams");
                 current = config;
             }

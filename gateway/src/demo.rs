@@ -22,7 +22,9 @@ pub async fn spawn_echo_backend(addr: SocketAddr) -> std::io::Result<SocketAddr>
     let name: std::sync::Arc<str> = format!("echo-{}", local.port()).into();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let name = name.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| echo(name.clone(), req));
@@ -35,13 +37,25 @@ pub async fn spawn_echo_backend(addr: SocketAddr) -> std::io::Result<SocketAddr>
     Ok(local)
 }
 
-async fn echo(name: std::sync::Arc<str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn echo(
+    name: std::sync::Arc<str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body_bytes = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let body_bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
         .collect();
     let json = serde_json::json!({
         "backend": &*name,
@@ -54,8 +68,9 @@ async fn echo(name: std::sync::Arc<str>, req: Request<Incoming>) -> Result<Respo
     let mut text = serde_json::to_vec_pretty(&json).unwrap_or_default();
     text.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(text)));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(response)
 }

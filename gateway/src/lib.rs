@@ -16,4 +16,4 @@ pub mod telemetry;
 mod upstream;
 
 pub use config::{Config, ConfigError};
-pub use proxy::{Drained, Gateway, Reloader, StartError};
+pub use proxy::{Drained, Gateway, Reloader, StartError, bind_for_workers};

@@ -148,8 +148,9 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
             "invalid duration \"{text}\": a unit is required, like \"{trimmed}s\" or \"{trimmed}ms\""
         ));
     }
-    humantime::parse_duration(trimmed)
-        .map_err(|e| format!("invalid duration \"{text}\": {e} (use units like \"250ms\" or \"2s\")"))
+    humantime::parse_duration(trimmed).map_err(|e| {
+        format!("invalid duration \"{text}\": {e} (use units like \"250ms\" or \"2s\")")
+    })
 }
 
 /// A size in bytes: an integer, or a string with a unit (`"16MiB"`, `"64KiB"`, `"1MB"`).
@@ -187,7 +188,8 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
-    let bad = || format!("invalid size \"{text}\": use a number with a unit like \"16MiB\" or \"64KiB\"");
+    let bad =
+        || format!("invalid size \"{text}\": use a number with a unit like \"16MiB\" or \"64KiB\"");
     let number: u64 = digits.parse().map_err(|_| bad())?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -213,7 +215,11 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("2").unwrap_err().contains("unit is required"));
+        assert!(
+            parse_duration("2")
+                .unwrap_err()
+                .contains("unit is required")
+        );
         assert!(parse_duration("2 parsecs").is_err());
     }
 
@@ -224,6 +230,10 @@ mod tests {
         assert_eq!(parse_size("1MB"), Ok(1_000_000));
         assert_eq!(parse_size("512"), Ok(512));
         assert!(parse_size("12 furlongs").is_err());
-        assert!(parse_size("99999999999999GiB").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("99999999999999GiB")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 }

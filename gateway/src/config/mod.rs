@@ -119,7 +119,10 @@ impl ConfigError {
     fn single(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             file: file.to_path_buf(),
-            problems: vec![Problem { key: key.into(), message: message.into() }],
+            problems: vec![Problem {
+                key: key.into(),
+                message: message.into(),
+            }],
         }
     }
 }
@@ -133,7 +136,13 @@ impl fmt::Display for ConfigError {
             if problem.key.is_empty() {
                 write!(f, "{}: {}", self.file.display(), problem.message)?;
             } else {
-                write!(f, "{}: {}: {}", self.file.display(), problem.key, problem.message)?;
+                write!(
+                    f,
+                    "{}: {}: {}",
+                    self.file.display(),
+                    problem.key,
+                    problem.message
+                )?;
             }
         }
         Ok(())
@@ -152,7 +161,11 @@ impl Config {
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let manifest = deserialize(text, origin)?;
         let base = origin.parent().unwrap_or(Path::new("."));
-        Validator { base, problems: Vec::new() }.validate(manifest, origin)
+        Validator {
+            base,
+            problems: Vec::new(),
+        }
+        .validate(manifest, origin)
     }
 
     /// Where this config was read from.
@@ -172,19 +185,30 @@ impl Config {
 
     /// Listener names with the addresses they are configured to bind.
     pub fn listener_addrs(&self) -> Vec<(String, SocketAddr, bool)> {
-        self.listeners.iter().map(|l| (l.name.clone(), l.addr, l.tls.is_some())).collect()
+        self.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.addr, l.tls.is_some()))
+            .collect()
     }
 }
 
 /// TOML → file types, with the key path and line of the first error.
 fn deserialize(text: &str, origin: &Path) -> Result<ManifestFile, ConfigError> {
     let deserializer = toml::Deserializer::parse(text).map_err(|e| {
-        ConfigError::single(origin, "", format!("{}{}", e.message(), line_suffix(text, e.span())))
+        ConfigError::single(
+            origin,
+            "",
+            format!("{}{}", e.message(), line_suffix(text, e.span())),
+        )
     })?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = display_path(e.path());
         let inner = e.into_inner();
-        ConfigError::single(origin, key, format!("{}{}", inner.message(), line_suffix(text, inner.span())))
+        ConfigError::single(
+            origin,
+            key,
+            format!("{}{}", inner.message(), line_suffix(text, inner.span())),
+        )
     })
 }
 
@@ -215,12 +239,18 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { key: key.into(), message: message.into() });
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
     }
 
     fn validate(mut self, manifest: ManifestFile, origin: &Path) -> Result<Config, ConfigError> {
         if manifest.admin.is_some() {
-            self.problem("admin", "the admin API is not implemented in this build yet; remove [admin]");
+            self.problem(
+                "admin",
+                "the admin API is not implemented in this build yet; remove [admin]",
+            );
         }
         for name in manifest.plugin.keys() {
             self.problem(
@@ -244,7 +274,11 @@ impl Validator<'_> {
             .collect();
         let routes = self.routes(&manifest.route, &upstream_names);
         for (dead, winner) in routes.shadowed() {
-            let index = manifest.route.iter().position(|r| r.name.as_str() == dead).unwrap_or(0);
+            let index = manifest
+                .route
+                .iter()
+                .position(|r| r.name.as_str() == dead)
+                .unwrap_or(0);
             self.problem(
                 format!("route[{index}].match"),
                 format!("route \"{dead}\" can never match: route \"{winner}\" matches every request it would and takes precedence"),
@@ -257,9 +291,18 @@ impl Validator<'_> {
             .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0);
 
         if self.problems.is_empty() {
-            Ok(Config { source: origin.to_path_buf(), drain_timeout, listeners, upstreams, routes })
+            Ok(Config {
+                source: origin.to_path_buf(),
+                drain_timeout,
+                listeners,
+                upstreams,
+                routes,
+            })
         } else {
-            Err(ConfigError { file: origin.to_path_buf(), problems: self.problems })
+            Err(ConfigError {
+                file: origin.to_path_buf(),
+                problems: self.problems,
+            })
         }
     }
 
@@ -270,13 +313,19 @@ impl Validator<'_> {
         for (i, file) in files.iter().enumerate() {
             let key = format!("listener[{i}]");
             if !names.insert(file.name.as_str()) {
-                self.problem(format!("{key}.name"), format!("duplicate listener name \"{}\"", file.name));
+                self.problem(
+                    format!("{key}.name"),
+                    format!("duplicate listener name \"{}\"", file.name),
+                );
             }
             check_name(self, &format!("{key}.name"), &file.name);
             let addr = match file.listen.parse::<SocketAddr>() {
                 Ok(addr) => {
                     if addr.port() != 0 && !addrs.insert(addr) {
-                        self.problem(format!("{key}.listen"), format!("address {addr} is used by another listener"));
+                        self.problem(
+                            format!("{key}.listen"),
+                            format!("address {addr} is used by another listener"),
+                        );
                     }
                     addr
                 }
@@ -299,9 +348,14 @@ impl Validator<'_> {
                 },
             };
             if file.redirect_https.is_some() && file.tls.is_some() {
-                self.problem(format!("{key}.redirect_https"), "only a plain (non-TLS) listener can redirect to https");
+                self.problem(
+                    format!("{key}.redirect_https"),
+                    "only a plain (non-TLS) listener can redirect to https",
+                );
             }
-            let max_header_bytes = file.max_header_bytes.map_or(DEFAULT_MAX_HEADER_BYTES, |b| b.0);
+            let max_header_bytes = file
+                .max_header_bytes
+                .map_or(DEFAULT_MAX_HEADER_BYTES, |b| b.0);
             if max_header_bytes < MIN_MAX_HEADER_BYTES {
                 self.problem(
                     format!("{key}.max_header_bytes"),
@@ -320,7 +374,9 @@ impl Validator<'_> {
                 tls,
                 redirect_https: file.redirect_https,
                 max_connections: file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-                header_read_timeout: file.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+                header_read_timeout: file
+                    .header_read_timeout
+                    .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
                 max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
                 max_headers: file.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
                 max_body_bytes: file.max_body_bytes.map(|b| b.0),
@@ -333,7 +389,10 @@ impl Validator<'_> {
         let key = format!("upstream.{name}");
         check_name(self, &key, name);
         if file.endpoints.is_empty() {
-            self.problem(format!("{key}.endpoints"), "at least one endpoint is required");
+            self.problem(
+                format!("{key}.endpoints"),
+                "at least one endpoint is required",
+            );
         }
         let mut endpoints = Vec::new();
         for (i, endpoint) in file.endpoints.iter().enumerate() {
@@ -352,12 +411,23 @@ impl Validator<'_> {
                 self.problem(format!("{key}.endpoints[{i}].weight"), "must be at least 1");
             }
             if endpoints.iter().any(|e: &EndpointConfig| e.addr == addr) {
-                self.problem(format!("{key}.endpoints[{i}]"), format!("endpoint {addr} is listed twice"));
+                self.problem(
+                    format!("{key}.endpoints[{i}]"),
+                    format!("endpoint {addr} is listed twice"),
+                );
             }
-            endpoints.push(EndpointConfig { addr, weight: weight.unwrap_or(1), labels, backup });
+            endpoints.push(EndpointConfig {
+                addr,
+                weight: weight.unwrap_or(1),
+                labels,
+                backup,
+            });
         }
         if !endpoints.is_empty() && endpoints.iter().all(|e| e.backup) {
-            self.problem(format!("{key}.endpoints"), "every endpoint is a backup; at least one must be primary");
+            self.problem(
+                format!("{key}.endpoints"),
+                "every endpoint is a backup; at least one must be primary",
+            );
         }
         match file.balancer.as_deref() {
             None | Some("rr" | "round-robin") => {}
@@ -366,12 +436,22 @@ impl Validator<'_> {
                 format!("balancer \"{other}\" is not available: this build has only the core's \"round-robin\" (balancer plugins are not implemented yet)"),
             ),
         }
-        for (field, present) in [("health", file.health.is_some()), ("passive", file.passive.is_some()), ("retries", file.retries.is_some())] {
+        for (field, present) in [
+            ("health", file.health.is_some()),
+            ("passive", file.passive.is_some()),
+            ("retries", file.retries.is_some()),
+        ] {
             if present {
-                self.problem(format!("{key}.{field}"), format!("`{field}` is not implemented in this build yet; remove it"));
+                self.problem(
+                    format!("{key}.{field}"),
+                    format!("`{field}` is not implemented in this build yet; remove it"),
+                );
             }
         }
-        for (field, value) in [("connect_timeout", file.connect_timeout), ("timeout", file.timeout)] {
+        for (field, value) in [
+            ("connect_timeout", file.connect_timeout),
+            ("timeout", file.timeout),
+        ] {
             if value.is_some_and(|d| d.0.is_zero()) {
                 self.problem(format!("{key}.{field}"), "must be greater than zero");
             }
@@ -380,8 +460,12 @@ impl Validator<'_> {
             name: name.to_string(),
             endpoints,
             keepalive: file.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
-            keepalive_timeout: file.keepalive_timeout.map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
-            connect_timeout: file.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            keepalive_timeout: file
+                .keepalive_timeout
+                .map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
+            connect_timeout: file
+                .connect_timeout
+                .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             timeout: file.timeout.map_or(DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
         }
     }
@@ -392,7 +476,10 @@ impl Validator<'_> {
         for (i, file) in files.iter().enumerate() {
             let key = format!("route[{i}]");
             if !names.insert(file.name.as_str()) {
-                self.problem(format!("{key}.name"), format!("duplicate route name \"{}\"", file.name));
+                self.problem(
+                    format!("{key}.name"),
+                    format!("duplicate route name \"{}\"", file.name),
+                );
             }
             check_name(self, &format!("{key}.name"), &file.name);
             let upstream = upstream_names.iter().position(|n| *n == file.upstream);
@@ -402,13 +489,21 @@ impl Validator<'_> {
                     .unwrap_or_default();
                 self.problem(
                     format!("{key}.upstream"),
-                    format!("route \"{}\": upstream \"{}\" is not defined{hint}", file.name, file.upstream),
+                    format!(
+                        "route \"{}\": upstream \"{}\" is not defined{hint}",
+                        file.name, file.upstream
+                    ),
                 );
             }
             if file.policies.as_ref().is_some_and(|p| !p.is_empty()) {
-                self.problem(format!("{key}.policies"), "policy plugins are not implemented in this build yet; remove `policies`");
+                self.problem(
+                    format!("{key}.policies"),
+                    "policy plugins are not implemented in this build yet; remove `policies`",
+                );
             }
-            let Some(matcher) = self.route_match(&key, file) else { continue };
+            let Some(matcher) = self.route_match(&key, file) else {
+                continue;
+            };
             routes.push(Route {
                 name: Arc::from(file.name.as_str()),
                 matcher,
@@ -429,7 +524,10 @@ impl Validator<'_> {
                 let host = host.to_ascii_lowercase();
                 if let Some(suffix) = host.strip_prefix("*.") {
                     if !valid_hostname(suffix) {
-                        self.problem(format!("{key}.match.host"), format!("invalid host pattern \"{host}\""));
+                        self.problem(
+                            format!("{key}.match.host"),
+                            format!("invalid host pattern \"{host}\""),
+                        );
                     }
                     HostMatch::Wildcard(format!(".{suffix}"))
                 } else {
@@ -445,54 +543,95 @@ impl Validator<'_> {
         };
         let path = match (&m.path, &m.path_prefix) {
             (Some(_), Some(_)) => {
-                self.problem(format!("{key}.match"), "set either `path` or `path_prefix`, not both");
+                self.problem(
+                    format!("{key}.match"),
+                    "set either `path` or `path_prefix`, not both",
+                );
                 PathMatch::Any
             }
             (Some(path), None) => {
                 if !path.starts_with('/') {
-                    self.problem(format!("{key}.match.path"), format!("path \"{path}\" must start with '/'"));
+                    self.problem(
+                        format!("{key}.match.path"),
+                        format!("path \"{path}\" must start with '/'"),
+                    );
                 }
                 PathMatch::Exact(path.clone())
             }
             (None, Some(prefix)) => {
                 if !prefix.starts_with('/') {
-                    self.problem(format!("{key}.match.path_prefix"), format!("prefix \"{prefix}\" must start with '/'"));
+                    self.problem(
+                        format!("{key}.match.path_prefix"),
+                        format!("prefix \"{prefix}\" must start with '/'"),
+                    );
                 }
-                if prefix == "/" { PathMatch::Any } else { PathMatch::Prefix(prefix.clone()) }
+                if prefix == "/" {
+                    PathMatch::Any
+                } else {
+                    PathMatch::Prefix(prefix.clone())
+                }
             }
             (None, None) => PathMatch::Any,
         };
         let mut methods = Vec::new();
         if let Some(list) = &m.methods {
             if list.is_empty() {
-                self.problem(format!("{key}.match.methods"), "an empty list can never match; remove `methods` to match any method");
+                self.problem(
+                    format!("{key}.match.methods"),
+                    "an empty list can never match; remove `methods` to match any method",
+                );
             }
             for (j, text) in list.iter().enumerate() {
                 match Method::from_bytes(text.to_ascii_uppercase().as_bytes()) {
                     Ok(method) if !methods.contains(&method) => methods.push(method),
-                    Ok(_) => self.problem(format!("{key}.match.methods[{j}]"), format!("method \"{text}\" is listed twice")),
-                    Err(_) => self.problem(format!("{key}.match.methods[{j}]"), format!("invalid method \"{text}\"")),
+                    Ok(_) => self.problem(
+                        format!("{key}.match.methods[{j}]"),
+                        format!("method \"{text}\" is listed twice"),
+                    ),
+                    Err(_) => self.problem(
+                        format!("{key}.match.methods[{j}]"),
+                        format!("invalid method \"{text}\""),
+                    ),
                 }
             }
         }
         let mut headers = Vec::new();
         for (name, value) in &m.headers {
-            let parsed = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value));
+            let parsed = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            );
             match parsed {
                 (Ok(name), Ok(value)) => headers.push((name, value)),
-                (Err(_), _) => self.problem(format!("{key}.match.headers.{name}"), format!("invalid header name \"{name}\"")),
-                (_, Err(_)) => self.problem(format!("{key}.match.headers.{name}"), format!("invalid header value \"{value}\"")),
+                (Err(_), _) => self.problem(
+                    format!("{key}.match.headers.{name}"),
+                    format!("invalid header name \"{name}\""),
+                ),
+                (_, Err(_)) => self.problem(
+                    format!("{key}.match.headers.{name}"),
+                    format!("invalid header value \"{value}\""),
+                ),
             }
         }
-        (self.problems.len() == before).then_some(RouteMatch { host, path, methods, headers })
+        (self.problems.len() == before).then_some(RouteMatch {
+            host,
+            path,
+            methods,
+            headers,
+        })
     }
 }
 
 fn check_name(validator: &mut Validator<'_>, key: &str, name: &str) {
     let ok = !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !ok {
-        validator.problem(key, format!("invalid name \"{name}\": use letters, digits, '-' and '_'"));
+        validator.problem(
+            key,
+            format!("invalid name \"{name}\": use letters, digits, '-' and '_'"),
+        );
     }
 }
 
@@ -502,7 +641,9 @@ fn valid_hostname(host: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -524,7 +665,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            row[j + 1] = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
             prev = cur;
         }
     }
@@ -538,7 +681,11 @@ mod tests {
     fn errors(text: &str) -> Vec<String> {
         match Config::parse(text, Path::new("t.toml")) {
             Ok(_) => vec![],
-            Err(e) => e.problems().iter().map(|p| format!("{}: {}", p.key, p.message)).collect(),
+            Err(e) => e
+                .problems()
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect(),
         }
     }
 
@@ -566,22 +713,38 @@ mod tests {
         let errs = errors(&GOOD.replace("weight = 2", "wieght = 2"));
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].starts_with("upstream.api.endpoints"), "{errs:?}");
-        let errs = errors(&GOOD.replace("upstream = \"api\"", "upstream = \"api\"\ntimeout = \"1s\""));
-        assert!(errs[0].starts_with("route[0]: unknown field `timeout`"), "{errs:?}");
+        let errs =
+            errors(&GOOD.replace("upstream = \"api\"", "upstream = \"api\"\ntimeout = \"1s\""));
+        assert!(
+            errs[0].starts_with("route[0].timeout: unknown field `timeout`"),
+            "{errs:?}"
+        );
         assert!(errs[0].contains("line "), "{errs:?}");
     }
 
     #[test]
     fn undefined_upstream_suggests_the_close_name() {
         let errs = errors(&GOOD.replace("upstream = \"api\"", "upstream = \"apx\""));
-        assert_eq!(errs, vec!["route[0].upstream: route \"api\": upstream \"apx\" is not defined (did you mean \"api\"?)"]);
+        assert_eq!(
+            errs,
+            vec![
+                "route[0].upstream: route \"api\": upstream \"apx\" is not defined (did you mean \"api\"?)"
+            ]
+        );
     }
 
     #[test]
     fn bad_durations_and_addresses_are_named() {
-        let errs = errors(&GOOD.replace("[upstream.api]", "[upstream.api]\nconnect_timeout = \"5\""));
-        assert!(errs[0].starts_with("upstream.api.connect_timeout: invalid duration \"5\""), "{errs:?}");
+        let errs =
+            errors(&GOOD.replace("[upstream.api]", "[upstream.api]\nconnect_timeout = \"5\""));
+        assert!(
+            errs[0].starts_with("upstream.api.connect_timeout: invalid duration \"5\""),
+            "{errs:?}"
+        );
         let errs = errors(&GOOD.replace("127.0.0.1:0", "localhost"));
-        assert!(errs[0].starts_with("listener[0].listen: invalid address \"localhost\""), "{errs:?}");
+        assert!(
+            errs[0].starts_with("listener[0].listen: invalid address \"localhost\""),
+            "{errs:?}"
+        );
     }
 }

@@ -35,7 +35,11 @@ pub(crate) struct RequestBody {
 impl RequestBody {
     /// Wraps a client body with an optional byte limit.
     pub(crate) fn new(inner: Incoming, limit: Option<u64>) -> Self {
-        RequestBody { inner, limit, received: 0 }
+        RequestBody {
+            inner,
+            limit,
+            received: 0,
+        }
     }
 }
 
@@ -43,7 +47,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = RequestBodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -88,13 +95,19 @@ pub struct ResponseBody {
 impl ResponseBody {
     /// The upstream's body, streamed through.
     pub(crate) fn upstream(body: Incoming) -> Self {
-        ResponseBody { payload: Payload::Upstream(body), log: None }
+        ResponseBody {
+            payload: Payload::Upstream(body),
+            log: None,
+        }
     }
 
     /// A body made by the gateway.
     pub(crate) fn local(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
-        ResponseBody { payload: Payload::Local((!bytes.is_empty()).then_some(bytes)), log: None }
+        ResponseBody {
+            payload: Payload::Local((!bytes.is_empty()).then_some(bytes)),
+            log: None,
+        }
     }
 
     /// Attaches the access record to finish and write when the body is done.
@@ -114,7 +127,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let polled = match &mut this.payload {
             Payload::Upstream(body) => Pin::new(body).poll_frame(cx),
@@ -152,7 +168,9 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.payload {
             Payload::Upstream(body) => body.size_hint(),
-            Payload::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Payload::Local(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

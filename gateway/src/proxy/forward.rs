@@ -4,9 +4,9 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
-use http::Version;
 
 /// `x-request-id`.
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -39,11 +39,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .map(str::trim)
     {
-        let standard = ["keep-alive", "close", "upgrade", ""].iter().any(|t| token.eq_ignore_ascii_case(t));
-        if !standard {
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                named.push(name);
-            }
+        let standard = ["keep-alive", "close", "upgrade", ""]
+            .iter()
+            .any(|t| token.eq_ignore_ascii_case(t));
+        if !standard && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            named.push(name);
         }
     }
     for name in &named {
@@ -60,11 +60,17 @@ pub(crate) fn upgrade_request(version: Version, headers: &HeaderMap) -> Option<H
     if version != Version::HTTP_11 {
         return None;
     }
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))));
-    if asks { headers.get(header::UPGRADE).cloned() } else { None }
+    let asks = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
 }
 
 /// What the gateway knows about the client hop.
@@ -78,12 +84,16 @@ pub(crate) struct ClientHop<'a> {
 }
 
 /// Rewrites a client request's headers for the upstream hop.
-pub(crate) fn request_headers(headers: &mut HeaderMap, hop: ClientHop<'_>, upgrade: Option<HeaderValue>) {
+pub(crate) fn request_headers(
+    headers: &mut HeaderMap,
+    hop: ClientHop<'_>,
+    upgrade: Option<HeaderValue>,
+) {
     // The URI's authority overrides Host (RFC 9112 §3.2.2); HTTP/2 requests carry no Host.
-    if let Some(authority) = hop.authority {
-        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-            headers.insert(header::HOST, value);
-        }
+    if let Some(authority) = hop.authority
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, value);
     }
     strip_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
@@ -165,13 +175,21 @@ mod tests {
     use super::*;
 
     fn hop() -> ClientHop<'static> {
-        ClientHop { ip: IpAddr::from([10, 0, 0, 7]), https: true, version: Version::HTTP_11, authority: None }
+        ClientHop {
+            ip: IpAddr::from([10, 0, 0, 7]),
+            https: true,
+            version: Version::HTTP_11,
+            authority: None,
+        }
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -202,7 +220,10 @@ mod tests {
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         let protocol = upgrade_request(Version::HTTP_11, &headers);
-        assert_eq!(protocol.as_ref().map(|p| p.as_bytes()), Some(&b"websocket"[..]));
+        assert_eq!(
+            protocol.as_ref().map(|p| p.as_bytes()),
+            Some(&b"websocket"[..])
+        );
         request_headers(&mut headers, hop(), protocol);
         assert_eq!(headers["connection"], "upgrade");
         assert_eq!(headers["upgrade"], "websocket");

@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
@@ -30,7 +30,7 @@ pub use body::ResponseBody;
 use service::ConnectionContext;
 
 /// Accept backlog of each listening socket.
-const LISTEN_BACKLOG: u32 = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// What the request path reads, swapped whole on reload.
 #[derive(Debug)]
@@ -59,7 +59,9 @@ pub(crate) struct ListenerContext {
 
 impl std::fmt::Debug for ListenerContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ListenerContext").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ListenerContext")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,7 +89,9 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway").field("listeners", &self.local_addrs()).finish_non_exhaustive()
+        f.debug_struct("Gateway")
+            .field("listeners", &self.local_addrs())
+            .finish_non_exhaustive()
     }
 }
 
@@ -106,10 +110,21 @@ pub enum Drained {
 impl Gateway {
     /// Binds every listener of `config`. Must run inside a Tokio runtime.
     pub async fn bind(config: &Config) -> Result<Gateway, StartError> {
+        let mut sockets = bind_for_workers(config, 1)?;
+        Gateway::from_listeners(config, sockets.pop().unwrap_or_default())
+    }
+
+    /// A gateway serving already-bound sockets, one per listener in manifest
+    /// order (see [`bind_for_workers`]), with upstream pools of its own.
+    /// Must run inside a Tokio runtime.
+    pub fn from_listeners(
+        config: &Config,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> Result<Gateway, StartError> {
         let tables = Arc::new(ArcSwap::from_pointee(Tables::new(config)));
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            let socket = bind_socket(listener.addr).map_err(|source| StartError::Bind {
+        for (listener, socket) in config.listeners.iter().zip(sockets) {
+            let socket = TcpListener::from_std(socket).map_err(|source| StartError::Bind {
                 name: listener.name.clone(),
                 addr: listener.addr,
                 source,
@@ -123,14 +138,23 @@ impl Gateway {
             };
             listeners.push((Arc::new(context), socket));
         }
-        Ok(Gateway { listeners, tables, drain_timeout: config.drain_timeout })
+        Ok(Gateway {
+            listeners,
+            tables,
+            drain_timeout: config.drain_timeout,
+        })
     }
 
     /// Each listener's name and the address it is bound to.
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|(ctx, socket)| socket.local_addr().ok().map(|addr| (ctx.name.to_string(), addr)))
+            .filter_map(|(ctx, socket)| {
+                socket
+                    .local_addr()
+                    .ok()
+                    .map(|addr| (ctx.name.to_string(), addr))
+            })
             .collect()
     }
 
@@ -144,7 +168,9 @@ impl Gateway {
 
     /// A handle that swaps in new routes and upstreams while serving.
     pub fn reloader(&self) -> Reloader {
-        Reloader { tables: self.tables.clone() }
+        Reloader {
+            tables: self.tables.clone(),
+        }
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -154,7 +180,12 @@ impl Gateway {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut accept_loops = Vec::new();
         for (context, socket) in self.listeners {
-            accept_loops.push(tokio::spawn(accept_loop(context, socket, graceful.clone(), stop_rx.clone())));
+            accept_loops.push(tokio::spawn(accept_loop(
+                context,
+                socket,
+                graceful.clone(),
+                stop_rx.clone(),
+            )));
         }
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -193,12 +224,50 @@ impl Reloader {
     }
 }
 
-fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+/// Binds each listener `workers` times with `SO_REUSEPORT`, so every worker
+/// thread accepts on a socket of its own and the kernel spreads connections
+/// between them. Returns, per worker, one socket per listener in manifest
+/// order. A port-0 listener gets one port, shared by all its sockets.
+pub fn bind_for_workers(
+    config: &Config,
+    workers: usize,
+) -> Result<Vec<Vec<std::net::TcpListener>>, StartError> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers.max(1)).map(|_| Vec::new()).collect();
+    for listener in &config.listeners {
+        let mut addr = listener.addr;
+        for sockets in &mut per_worker {
+            let socket = reuseport_listener(addr).map_err(|source| StartError::Bind {
+                name: listener.name.clone(),
+                addr,
+                source,
+            })?;
+            if addr.port() == 0 {
+                addr = socket.local_addr().map_err(|source| StartError::Bind {
+                    name: listener.name.clone(),
+                    addr,
+                    source,
+                })?;
+            }
+            sockets.push(socket);
+        }
+    }
+    Ok(per_worker)
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 fn http_builder(listener: &ListenerConfig) -> auto::Builder<TokioExecutor> {
@@ -257,18 +326,33 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(context: Arc<ListenerContext>, stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+async fn serve_connection(
+    context: Arc<ListenerContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+) {
     let _ = stream.set_nodelay(true);
     match context.tls.clone() {
         None => {
-            let conn = Arc::new(ConnectionContext { listener: context.clone(), peer, https: false });
+            let conn = Arc::new(ConnectionContext {
+                listener: context.clone(),
+                peer,
+                https: false,
+            });
             serve_http(&context, TokioIo::new(stream), conn, watcher).await;
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(context.config.header_read_timeout, acceptor.accept(stream)).await;
+            let handshake =
+                tokio::time::timeout(context.config.header_read_timeout, acceptor.accept(stream))
+                    .await;
             match handshake {
                 Ok(Ok(tls)) => {
-                    let conn = Arc::new(ConnectionContext { listener: context.clone(), peer, https: true });
+                    let conn = Arc::new(ConnectionContext {
+                        listener: context.clone(),
+                        peer,
+                        https: true,
+                    });
                     serve_http(&context, TokioIo::new(tls), conn, watcher).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -278,12 +362,19 @@ async fn serve_connection(context: Arc<ListenerContext>, stream: TcpStream, peer
     }
 }
 
-async fn serve_http<I>(context: &ListenerContext, io: TokioIo<I>, conn: Arc<ConnectionContext>, watcher: Watcher)
-where
+async fn serve_http<I>(
+    context: &ListenerContext,
+    io: TokioIo<I>,
+    conn: Arc<ConnectionContext>,
+    watcher: Watcher,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| service::handle(conn.clone(), req));
-    let connection = context.http.serve_connection_with_upgrades(io, service).into_owned();
+    let connection = context
+        .http
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
     if let Err(error) = watcher.watch(connection).await {
         tracing::debug!(%error, "connection ended with an error");
     }

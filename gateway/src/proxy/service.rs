@@ -43,7 +43,12 @@ pub(crate) async fn handle(
     let started = Instant::now();
     let request_id = forward::ensure_request_id(req.headers_mut());
     let head = telemetry::access_log_enabled().then(|| {
-        (req.method().clone(), req.uri().clone(), request_host(req.uri(), req.headers()).into_owned(), req.version())
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            request_host(req.uri(), req.headers()).into_owned(),
+            req.version(),
+        )
     });
     let mut outcome = Outcome::default();
     let response = proxy(&conn, req, &mut outcome, started).await;
@@ -86,27 +91,52 @@ async fn proxy(
     let tables = listener.tables.load_full();
     let route = {
         let host = request_host(req.uri(), req.headers());
-        let facts = RequestFacts { host: &host, path: req.uri().path(), method: req.method(), headers: req.headers() };
+        let facts = RequestFacts {
+            host: &host,
+            path: req.uri().path(),
+            method: req.method(),
+            headers: req.headers(),
+        };
         tables.routes.find(&facts)
     };
     let Some(route) = route else {
-        return local(StatusCode::NOT_FOUND, "no route matches this request\n", "no-route", outcome);
+        return local(
+            StatusCode::NOT_FOUND,
+            "no route matches this request\n",
+            "no-route",
+            outcome,
+        );
     };
     outcome.route = Some(route.name.clone());
 
     let body_limit = route.max_body_bytes.or(listener.config.max_body_bytes);
-    if let Some(limit) = body_limit {
-        if content_length(&req).is_some_and(|length| length > limit) {
-            return local(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n", "body-too-large", outcome);
-        }
+    if let Some(limit) = body_limit
+        && content_length(&req).is_some_and(|length| length > limit)
+    {
+        return local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large\n",
+            "body-too-large",
+            outcome,
+        );
     }
 
     let Some(upstream) = tables.upstreams.get(route.upstream) else {
-        return local(StatusCode::SERVICE_UNAVAILABLE, "no upstream\n", "no-upstream", outcome);
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no upstream\n",
+            "no-upstream",
+            outcome,
+        );
     };
     outcome.upstream = Some(upstream.name.clone());
     let Some(endpoint) = upstream.pick() else {
-        return local(StatusCode::SERVICE_UNAVAILABLE, "no endpoint available\n", "no-endpoint", outcome);
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no endpoint available\n",
+            "no-endpoint",
+            outcome,
+        );
     };
     outcome.endpoint = Some(endpoint.addr);
 
@@ -123,10 +153,21 @@ async fn proxy(
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(http::uri::Scheme::HTTP);
     uri.authority = Some(endpoint.authority.clone());
-    uri.path_and_query = parts.uri.path_and_query().cloned().or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    uri.path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
     match Uri::from_parts(uri) {
         Ok(uri) => parts.uri = uri,
-        Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n", "bad-uri", outcome),
+        Err(_) => {
+            return local(
+                StatusCode::BAD_REQUEST,
+                "bad request target\n",
+                "bad-uri",
+                outcome,
+            );
+        }
     }
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, body_limit));
@@ -134,7 +175,12 @@ async fn proxy(
     let sent = tokio::time::timeout(upstream.timeout, upstream.client.request(upstream_req)).await;
     let mut response = match sent {
         Err(_elapsed) => {
-            return local(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n", "upstream-timeout", outcome);
+            return local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream timed out\n",
+                "upstream-timeout",
+                outcome,
+            );
         }
         Ok(Err(error)) => {
             let (status, kind, text) = classify(&error);
@@ -145,12 +191,12 @@ async fn proxy(
     };
     outcome.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
 
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
-            return response.map(|_| ResponseBody::local(bytes::Bytes::new()));
-        }
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        return response.map(|_| ResponseBody::local(bytes::Bytes::new()));
     }
     forward::response_headers(response.headers_mut());
     response.map(ResponseBody::upstream)
@@ -168,7 +214,11 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
             }
         }
         (client, upstream) => {
-            tracing::debug!(client_ok = client.is_ok(), upstream_ok = upstream.is_ok(), "upgrade did not complete");
+            tracing::debug!(
+                client_ok = client.is_ok(),
+                upstream_ok = upstream.is_ok(),
+                "upgrade did not complete"
+            );
         }
     }
 }
@@ -181,10 +231,16 @@ fn classify(error: &hyper_util::client::legacy::Error) -> (StatusCode, &'static 
     while let Some(cause) = source {
         if let Some(body_error) = cause.downcast_ref::<RequestBodyError>() {
             return match body_error {
-                RequestBodyError::TooLarge { .. } => {
-                    (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "request body too large\n")
-                }
-                RequestBodyError::Client(_) => (StatusCode::BAD_REQUEST, "client-body-error", "request body failed\n"),
+                RequestBodyError::TooLarge { .. } => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "request body too large\n",
+                ),
+                RequestBodyError::Client(_) => (
+                    StatusCode::BAD_REQUEST,
+                    "client-body-error",
+                    "request body failed\n",
+                ),
             };
         }
         if cause
@@ -196,9 +252,21 @@ fn classify(error: &hyper_util::client::legacy::Error) -> (StatusCode, &'static 
         source = cause.source();
     }
     match (error.is_connect(), timed_out) {
-        (true, true) => (StatusCode::GATEWAY_TIMEOUT, "connect-timeout", "upstream connect timed out\n"),
-        (true, false) => (StatusCode::BAD_GATEWAY, "connect-failed", "upstream connection failed\n"),
-        (false, _) => (StatusCode::BAD_GATEWAY, "upstream-error", "upstream failed\n"),
+        (true, true) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "connect-timeout",
+            "upstream connect timed out\n",
+        ),
+        (true, false) => (
+            StatusCode::BAD_GATEWAY,
+            "connect-failed",
+            "upstream connection failed\n",
+        ),
+        (false, _) => (
+            StatusCode::BAD_GATEWAY,
+            "upstream-error",
+            "upstream failed\n",
+        ),
     }
 }
 
@@ -209,13 +277,26 @@ fn content_length(req: &Request<Incoming>) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn redirect_to_https(req: &Request<Incoming>, port: u16, outcome: &mut Outcome) -> Response<ResponseBody> {
+fn redirect_to_https(
+    req: &Request<Incoming>,
+    port: u16,
+    outcome: &mut Outcome,
+) -> Response<ResponseBody> {
     let host = request_host(req.uri(), req.headers());
     if host.is_empty() {
-        return local(StatusCode::BAD_REQUEST, "a Host header is required\n", "no-host", outcome);
+        return local(
+            StatusCode::BAD_REQUEST,
+            "a Host header is required\n",
+            "no-host",
+            outcome,
+        );
     }
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let location = if port == 443 { format!("https://{host}{path}") } else { format!("https://{host}:{port}{path}") };
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
     outcome.error = Some("redirect-https");
     match HeaderValue::from_str(&location) {
         Ok(location) => {
@@ -224,17 +305,30 @@ fn redirect_to_https(req: &Request<Incoming>, port: u16, outcome: &mut Outcome) 
             response.headers_mut().insert(header::LOCATION, location);
             response
         }
-        Err(_) => local(StatusCode::BAD_REQUEST, "bad request target\n", "bad-uri", outcome),
+        Err(_) => local(
+            StatusCode::BAD_REQUEST,
+            "bad request target\n",
+            "bad-uri",
+            outcome,
+        ),
     }
 }
 
 /// A response made by the gateway itself, with the reason logged.
-fn local(status: StatusCode, text: &'static str, kind: &'static str, outcome: &mut Outcome) -> Response<ResponseBody> {
+fn local(
+    status: StatusCode,
+    text: &'static str,
+    kind: &'static str,
+    outcome: &mut Outcome,
+) -> Response<ResponseBody> {
     outcome.error = Some(kind);
-    let mut response = Response::new(ResponseBody::local(bytes::Bytes::from_static(text.as_bytes())));
+    let mut response = Response::new(ResponseBody::local(bytes::Bytes::from_static(
+        text.as_bytes(),
+    )));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

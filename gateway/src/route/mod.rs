@@ -72,7 +72,9 @@ impl HostMatch {
         match self {
             HostMatch::Any => true,
             HostMatch::Exact(exact) => exact == host,
-            HostMatch::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+            HostMatch::Wildcard(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
         }
     }
 
@@ -91,7 +93,9 @@ impl HostMatch {
             (HostMatch::Any, _) => true,
             (HostMatch::Exact(a), HostMatch::Exact(b)) => a == b,
             (HostMatch::Wildcard(a), HostMatch::Wildcard(b)) => b.ends_with(a.as_str()),
-            (HostMatch::Wildcard(a), HostMatch::Exact(b)) => HostMatch::Wildcard(a.clone()).matches(b),
+            (HostMatch::Wildcard(a), HostMatch::Exact(b)) => {
+                HostMatch::Wildcard(a.clone()).matches(b)
+            }
             _ => false,
         }
     }
@@ -118,7 +122,9 @@ impl PathMatch {
         match (self, other) {
             (PathMatch::Any, _) => true,
             (PathMatch::Exact(a), PathMatch::Exact(b)) => a == b,
-            (PathMatch::Prefix(a), PathMatch::Exact(b) | PathMatch::Prefix(b)) => b.starts_with(a.as_str()),
+            (PathMatch::Prefix(a), PathMatch::Exact(b) | PathMatch::Prefix(b)) => {
+                b.starts_with(a.as_str())
+            }
             _ => false,
         }
     }
@@ -155,7 +161,8 @@ impl RouteMatch {
         self.host.covers(&other.host)
             && self.path.covers(&other.path)
             && (self.methods.is_empty()
-                || (!other.methods.is_empty() && other.methods.iter().all(|m| self.methods.contains(m))))
+                || (!other.methods.is_empty()
+                    && other.methods.iter().all(|m| self.methods.contains(m))))
             && self.headers.iter().all(|h| other.headers.contains(h))
     }
 }
@@ -169,7 +176,11 @@ pub(crate) struct RouteTable {
 impl RouteTable {
     /// Sorts the routes into lookup order.
     pub(crate) fn new(mut routes: Vec<Route>) -> Self {
-        routes.sort_by(|a, b| b.matcher.specificity_cmp(&a.matcher).then(a.order.cmp(&b.order)));
+        routes.sort_by(|a, b| {
+            b.matcher
+                .specificity_cmp(&a.matcher)
+                .then(a.order.cmp(&b.order))
+        });
         RouteTable { routes }
     }
 
@@ -189,7 +200,10 @@ impl RouteTable {
     pub(crate) fn shadowed(&self) -> Vec<(&str, &str)> {
         let mut dead = Vec::new();
         for (i, route) in self.routes.iter().enumerate() {
-            if let Some(winner) = self.routes[..i].iter().find(|w| w.matcher.covers(&route.matcher)) {
+            if let Some(winner) = self.routes[..i]
+                .iter()
+                .find(|w| w.matcher.covers(&route.matcher))
+            {
                 dead.push((&*route.name, &*winner.name));
             }
         }
@@ -199,10 +213,17 @@ impl RouteTable {
 
 /// The host a request is for: the URI authority (HTTP/2, absolute-form) or
 /// the `Host` header, lower-cased, without port. Borrowed when already lower-case.
-pub(crate) fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> std::borrow::Cow<'a, str> {
+pub(crate) fn request_host<'a>(
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+) -> std::borrow::Cow<'a, str> {
     let raw = uri
         .host()
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("");
     let without_port = strip_port(raw);
     if without_port.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -233,7 +254,12 @@ mod tests {
     fn route(name: &str, order: usize, host: HostMatch, path: PathMatch) -> Route {
         Route {
             name: name.into(),
-            matcher: RouteMatch { host, path, methods: vec![], headers: vec![] },
+            matcher: RouteMatch {
+                host,
+                path,
+                methods: vec![],
+                headers: vec![],
+            },
             upstream: 0,
             max_body_bytes: None,
             order,
@@ -243,7 +269,12 @@ mod tests {
     fn find<'t>(table: &'t RouteTable, host: &str, path: &str) -> Option<&'t str> {
         let headers = HeaderMap::new();
         table
-            .find(&RequestFacts { host, path, method: &Method::GET, headers: &headers })
+            .find(&RequestFacts {
+                host,
+                path,
+                method: &Method::GET,
+                headers: &headers,
+            })
             .map(|r| &*r.name)
     }
 
@@ -251,11 +282,36 @@ mod tests {
     fn most_specific_route_wins_regardless_of_order() {
         let table = RouteTable::new(vec![
             route("any", 0, HostMatch::Any, PathMatch::Any),
-            route("prefix", 1, HostMatch::Any, PathMatch::Prefix("/v1/".into())),
-            route("longer", 2, HostMatch::Any, PathMatch::Prefix("/v1/users".into())),
-            route("exact", 3, HostMatch::Any, PathMatch::Exact("/v1/users".into())),
-            route("wild", 4, HostMatch::Wildcard(".example.com".into()), PathMatch::Any),
-            route("host", 5, HostMatch::Exact("api.example.com".into()), PathMatch::Any),
+            route(
+                "prefix",
+                1,
+                HostMatch::Any,
+                PathMatch::Prefix("/v1/".into()),
+            ),
+            route(
+                "longer",
+                2,
+                HostMatch::Any,
+                PathMatch::Prefix("/v1/users".into()),
+            ),
+            route(
+                "exact",
+                3,
+                HostMatch::Any,
+                PathMatch::Exact("/v1/users".into()),
+            ),
+            route(
+                "wild",
+                4,
+                HostMatch::Wildcard(".example.com".into()),
+                PathMatch::Any,
+            ),
+            route(
+                "host",
+                5,
+                HostMatch::Exact("api.example.com".into()),
+                PathMatch::Any,
+            ),
         ]);
         assert_eq!(find(&table, "other", "/v1/users"), Some("exact"));
         assert_eq!(find(&table, "other", "/v1/users/7"), Some("longer"));

@@ -131,7 +131,12 @@ mod tests {
 
     #[test]
     fn rotation_is_smooth_and_skips_backups() {
-        let rotation = smooth_weighted_rotation(&[endpoint(1, 5, false), endpoint(2, 1, false), endpoint(3, 1, false), endpoint(4, 9, true)]);
+        let rotation = smooth_weighted_rotation(&[
+            endpoint(1, 5, false),
+            endpoint(2, 1, false),
+            endpoint(3, 1, false),
+            endpoint(4, 9, true),
+        ]);
         // nginx's documented sequence for weights 5,1,1: a a b a c a a
         assert_eq!(rotation, vec![0, 0, 1, 0, 2, 0, 0]);
     }
