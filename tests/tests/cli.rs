@@ -19,8 +19,15 @@ fn write_manifest(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// `sluice check -c path` → (exit code, stderr).
 fn check(path: &Path) -> (i32, String) {
-    let out = Command::new(SLUICE).args(["check", "-c"]).arg(path).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(SLUICE)
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 const GOOD: &str = r#"
@@ -41,8 +48,16 @@ upstream = "api"
 fn check_accepts_a_good_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_manifest(dir.path(), "good.toml", GOOD);
-    let out = Command::new(SLUICE).args(["check", "-c"]).arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(SLUICE)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -60,7 +75,10 @@ fn check_names_file_key_and_problem_for_each_bad_manifest() {
     let cases: &[(&str, String, &str)] = &[
         (
             "unknown-key",
-            GOOD.replace("upstream = \"api\"", "upstream = \"api\"\nupstrem_timeout = \"1s\""),
+            GOOD.replace(
+                "upstream = \"api\"",
+                "upstream = \"api\"\nupstrem_timeout = \"1s\"",
+            ),
             "route[0].upstrem_timeout: unknown field `upstrem_timeout`, expected one of `name`, `match`",
         ),
         (
@@ -70,7 +88,10 @@ fn check_names_file_key_and_problem_for_each_bad_manifest() {
         ),
         (
             "bad-duration",
-            GOOD.replace("[upstream.api]", "[upstream.api]\nconnect_timeout = \"1 fortnight\""),
+            GOOD.replace(
+                "[upstream.api]",
+                "[upstream.api]\nconnect_timeout = \"1 fortnight\"",
+            ),
             "upstream.api.connect_timeout: invalid duration \"1 fortnight\"",
         ),
         (
@@ -90,7 +111,9 @@ fn check_names_file_key_and_problem_for_each_bad_manifest() {
         ),
         (
             "duplicate-route",
-            format!("{GOOD}\n[[route]]\nname = \"api\"\nmatch = {{ path_prefix = \"/v2/\" }}\nupstream = \"api\"\n"),
+            format!(
+                "{GOOD}\n[[route]]\nname = \"api\"\nmatch = {{ path_prefix = \"/v2/\" }}\nupstream = \"api\"\n"
+            ),
             "route[1].name: duplicate route name \"api\"",
         ),
         (
@@ -100,17 +123,25 @@ fn check_names_file_key_and_problem_for_each_bad_manifest() {
         ),
         (
             "route-never-matches",
-            format!("{GOOD}\n[[route]]\nname = \"shadow\"\nmatch = {{ path_prefix = \"/v1/\" }}\nupstream = \"api\"\n"),
+            format!(
+                "{GOOD}\n[[route]]\nname = \"shadow\"\nmatch = {{ path_prefix = \"/v1/\" }}\nupstream = \"api\"\n"
+            ),
             "route[1].match: route \"shadow\" can never match: route \"api\"",
         ),
         (
             "empty-methods",
-            GOOD.replace("path_prefix = \"/v1/\"", "path_prefix = \"/v1/\", methods = []"),
+            GOOD.replace(
+                "path_prefix = \"/v1/\"",
+                "path_prefix = \"/v1/\", methods = []",
+            ),
             "route[0].match.methods: an empty list can never match",
         ),
         (
             "missing-tls-files",
-            GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\ntls = [{ cert = \"nope.pem\", key = \"nope.key\" }]"),
+            GOOD.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\ntls = [{ cert = \"nope.pem\", key = \"nope.key\" }]",
+            ),
             "listener[0].tls[0].cert: cannot read certificate",
         ),
         (
@@ -123,8 +154,14 @@ fn check_names_file_key_and_problem_for_each_bad_manifest() {
         let path = write_manifest(dir.path(), &format!("{name}.toml"), text);
         let (code, stderr) = check(&path);
         assert_eq!(code, 2, "{name}: expected exit 2, stderr: {stderr}");
-        assert!(stderr.contains(&path.display().to_string()), "{name}: file not named in: {stderr}");
-        assert!(stderr.contains(expected), "{name}: expected {expected:?} in: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "{name}: file not named in: {stderr}"
+        );
+        assert!(
+            stderr.contains(expected),
+            "{name}: expected {expected:?} in: {stderr}"
+        );
     }
 }
 
@@ -168,7 +205,11 @@ impl Running {
                 }
             }
         });
-        let mut running = Running { child, lines, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
+        let mut running = Running {
+            child,
+            lines,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
         let line = running.wait_for("\"listening\"", Duration::from_secs(20));
         let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         running.addr = json["addr"].as_str().unwrap().parse().unwrap();
@@ -189,7 +230,10 @@ impl Running {
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -232,7 +276,10 @@ fn slow_backend(delay: Duration, name: &'static str) -> SocketAddr {
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                         seen.drain(..end + 4);
                         thread::sleep(delay);
-                        let response = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}", name.len());
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                            name.len()
+                        );
                         if stream.write_all(response.as_bytes()).is_err() {
                             return;
                         }
@@ -247,8 +294,14 @@ fn slow_backend(delay: Duration, name: &'static str) -> SocketAddr {
 /// One GET over a fresh connection; returns (status line, body).
 fn get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
     let status = text.lines().next().unwrap_or("").to_string();
@@ -291,7 +344,10 @@ fn sigterm_drains_an_in_flight_request_then_exits_zero() {
     gateway.signal("TERM");
     gateway.wait_for("stopped accepting", Duration::from_secs(5));
     // New connections are refused while draining.
-    assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(), "still accepting after SIGTERM");
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
+        "still accepting after SIGTERM"
+    );
     let (status, body) = in_flight.join().unwrap();
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert_eq!(body, "finished");
@@ -306,15 +362,26 @@ fn sighup_reloads_routes_and_a_broken_manifest_keeps_the_old_ones() {
     let gateway = Running::start(&path);
     assert!(get(gateway.addr, "/fast").0.contains("404"));
 
-    let added = "[[route]]\nname = \"fast\"\nmatch = { path_prefix = \"/fast\" }\nupstream = \"slow\"\n";
+    let added =
+        "[[route]]\nname = \"fast\"\nmatch = { path_prefix = \"/fast\" }\nupstream = \"slow\"\n";
     std::fs::write(&path, manifest_for(backend, added)).unwrap();
     gateway.signal("HUP");
     gateway.wait_for("reloaded routes and upstreams", Duration::from_secs(5));
-    assert_eq!(get(gateway.addr, "/fast"), ("HTTP/1.1 200 OK".to_string(), "fast".to_string()));
+    assert_eq!(
+        get(gateway.addr, "/fast"),
+        ("HTTP/1.1 200 OK".to_string(), "fast".to_string())
+    );
 
-    std::fs::write(&path, manifest_for(backend, added).replace("upstream = \"slow\"\n", "upstream = \"nope\"\n")).unwrap();
+    std::fs::write(
+        &path,
+        manifest_for(backend, added).replace("upstream = \"slow\"\n", "upstream = \"nope\"\n"),
+    )
+    .unwrap();
     gateway.signal("HUP");
     let refused = gateway.wait_for("reload refused", Duration::from_secs(5));
-    assert!(refused.contains("upstream \\\"nope\\\" is not defined"), "{refused}");
+    assert!(
+        refused.contains("upstream \\\"nope\\\" is not defined"),
+        "{refused}"
+    );
     assert_eq!(get(gateway.addr, "/fast").0, "HTTP/1.1 200 OK");
 }

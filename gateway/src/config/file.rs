@@ -44,6 +44,7 @@ pub(crate) struct ListenerFile {
     pub(crate) redirect_https: Option<u16>,
     pub(crate) max_connections: Option<usize>,
     pub(crate) header_read_timeout: Option<DurationText>,
+    pub(crate) idle_timeout: Option<DurationText>,
     pub(crate) max_header_bytes: Option<ByteSize>,
     pub(crate) max_headers: Option<usize>,
     pub(crate) max_body_bytes: Option<ByteSize>,

@@ -23,6 +23,8 @@ use file::{EndpointFile, ListenerFile, ManifestFile, RouteFile, UpstreamFile};
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time a client has to send a request head (also the HTTP/1.1 keep-alive idle limit).
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client connection may sit with no request in flight.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on the request head (request line and headers).
 const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
 /// Smallest head limit the HTTP/1 parser supports.
@@ -59,6 +61,7 @@ pub(crate) struct ListenerConfig {
     pub(crate) redirect_https: Option<u16>,
     pub(crate) max_connections: usize,
     pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     pub(crate) max_header_bytes: usize,
     pub(crate) max_headers: usize,
     pub(crate) max_body_bytes: Option<u64>,
@@ -368,6 +371,14 @@ impl Validator<'_> {
             if file.max_headers == Some(0) {
                 self.problem(format!("{key}.max_headers"), "must be at least 1");
             }
+            for (field, value) in [
+                ("header_read_timeout", file.header_read_timeout),
+                ("idle_timeout", file.idle_timeout),
+            ] {
+                if value.is_some_and(|d| d.0.is_zero()) {
+                    self.problem(format!("{key}.{field}"), "must be greater than zero");
+                }
+            }
             out.push(ListenerConfig {
                 name: file.name.clone(),
                 addr,
@@ -377,6 +388,7 @@ impl Validator<'_> {
                 header_read_timeout: file
                     .header_read_timeout
                     .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+                idle_timeout: file.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
                 max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
                 max_headers: file.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
                 max_body_bytes: file.max_body_bytes.map(|b| b.0),

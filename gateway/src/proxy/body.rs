@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::activity::InFlight;
 use crate::telemetry::AccessRecord;
 
 /// Why a request body stopped.
@@ -90,6 +91,8 @@ enum Payload {
 pub struct ResponseBody {
     payload: Payload,
     log: Option<Box<AccessRecord>>,
+    /// Keeps the connection from counting as idle until the body is done.
+    in_flight: Option<InFlight>,
 }
 
 impl ResponseBody {
@@ -98,6 +101,7 @@ impl ResponseBody {
         ResponseBody {
             payload: Payload::Upstream(body),
             log: None,
+            in_flight: None,
         }
     }
 
@@ -107,12 +111,19 @@ impl ResponseBody {
         ResponseBody {
             payload: Payload::Local((!bytes.is_empty()).then_some(bytes)),
             log: None,
+            in_flight: None,
         }
     }
 
     /// Attaches the access record to finish and write when the body is done.
     pub(crate) fn with_log(mut self, record: Option<Box<AccessRecord>>) -> Self {
         self.log = record;
+        self
+    }
+
+    /// Holds the request's in-flight mark until the body is done.
+    pub(crate) fn with_in_flight(mut self, in_flight: InFlight) -> Self {
+        self.in_flight = Some(in_flight);
         self
     }
 

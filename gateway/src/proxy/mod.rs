@@ -4,6 +4,7 @@
 //! ports before serving); [`Gateway::serve`] accepts until the shutdown
 //! future resolves, then stops accepting and drains in-flight requests.
 
+mod activity;
 pub(crate) mod body;
 mod forward;
 mod service;
@@ -18,10 +19,11 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ListenerConfig};
 use crate::route::RouteTable;
@@ -176,30 +178,32 @@ impl Gateway {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// requests finish for up to the drain timeout, and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drained {
-        let graceful = Arc::new(GracefulShutdown::new());
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let connections = TaskTracker::new();
+        let stop = CancellationToken::new();
         let mut accept_loops = Vec::new();
         for (context, socket) in self.listeners {
             accept_loops.push(tokio::spawn(accept_loop(
                 context,
                 socket,
-                graceful.clone(),
-                stop_rx.clone(),
+                connections.clone(),
+                stop.clone(),
             )));
         }
         shutdown.await;
-        let _ = stop_tx.send(true);
+        // One signal: accept loops stop (closing their sockets), and every
+        // connection finishes its in-flight requests and closes.
+        stop.cancel();
         for accept in accept_loops {
-            // Each loop ends at once on the stop signal, closing its socket.
             let _ = accept.await;
         }
-        // The accept loops held the only other references.
-        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-        let open = graceful.count();
+        connections.close();
+        let open = connections.len();
         tracing::info!(open_connections = open, drain_timeout = ?self.drain_timeout, "stopped accepting; draining");
-        match tokio::time::timeout(self.drain_timeout, graceful.shutdown()).await {
+        match tokio::time::timeout(self.drain_timeout, connections.wait()).await {
             Ok(()) => Drained::Complete,
-            Err(_) => Drained::TimedOut { open },
+            Err(_) => Drained::TimedOut {
+                open: connections.len(),
+            },
         }
     }
 }
@@ -291,8 +295,8 @@ fn http_builder(listener: &ListenerConfig) -> auto::Builder<TokioExecutor> {
 async fn accept_loop(
     context: Arc<ListenerContext>,
     socket: TcpListener,
-    graceful: Arc<GracefulShutdown>,
-    mut stop: watch::Receiver<bool>,
+    connections: TaskTracker,
+    stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(context.config.max_connections));
     loop {
@@ -302,11 +306,11 @@ async fn accept_loop(
                 Ok(permit) => permit,
                 Err(_) => return,
             },
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
         };
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -318,9 +322,9 @@ async fn accept_loop(
             }
         };
         let context = context.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            serve_connection(context, stream, peer, watcher).await;
+        let stop = stop.clone();
+        connections.spawn(async move {
+            serve_connection(context, stream, peer, stop).await;
             drop(permit);
         });
     }
@@ -330,52 +334,61 @@ async fn serve_connection(
     context: Arc<ListenerContext>,
     stream: TcpStream,
     peer: SocketAddr,
-    watcher: Watcher,
+    stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    match context.tls.clone() {
-        None => {
-            let conn = Arc::new(ConnectionContext {
-                listener: context.clone(),
-                peer,
-                https: false,
-            });
-            serve_http(&context, TokioIo::new(stream), conn, watcher).await;
+    let Some(acceptor) = context.tls.clone() else {
+        let conn = ConnectionContext::new(context.clone(), peer, false);
+        serve_http(&context, TokioIo::new(stream), conn, stop).await;
+        return;
+    };
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(context.config.header_read_timeout, acceptor.accept(stream)) => handshake,
+        () = stop.cancelled() => return,
+    };
+    match handshake {
+        Ok(Ok(tls)) => {
+            let conn = ConnectionContext::new(context.clone(), peer, true);
+            serve_http(&context, TokioIo::new(tls), conn, stop).await;
         }
-        Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(context.config.header_read_timeout, acceptor.accept(stream))
-                    .await;
-            match handshake {
-                Ok(Ok(tls)) => {
-                    let conn = Arc::new(ConnectionContext {
-                        listener: context.clone(),
-                        peer,
-                        https: true,
-                    });
-                    serve_http(&context, TokioIo::new(tls), conn, watcher).await;
-                }
-                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        }
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 
+/// Serves one connection until it ends, closing it gracefully (finishing
+/// in-flight requests; GOAWAY on HTTP/2) on shutdown or after `idle_timeout`
+/// with no request in flight.
 async fn serve_http<I>(
     context: &ListenerContext,
     io: TokioIo<I>,
     conn: Arc<ConnectionContext>,
-    watcher: Watcher,
+    stop: CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = conn.activity.clone();
     let service = service_fn(move |req| service::handle(conn.clone(), req));
-    let connection = context
-        .http
-        .serve_connection_with_upgrades(io, service)
-        .into_owned();
-    if let Err(error) = watcher.watch(connection).await {
-        tracing::debug!(%error, "connection ended with an error");
+    let connection = context.http.serve_connection_with_upgrades(io, service);
+    let mut connection = std::pin::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            () = stop.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = activity.idle_for(context.config.idle_timeout), if !closing => {
+                closing = true;
+                tracing::debug!("closing idle connection");
+                connection.as_mut().graceful_shutdown();
+            }
+        }
     }
 }

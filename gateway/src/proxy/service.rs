@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::ListenerContext;
+use super::activity::Activity;
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
 use super::forward::{self, ClientHop};
 use crate::route::{RequestFacts, request_host};
@@ -23,6 +24,18 @@ pub(crate) struct ConnectionContext {
     pub(crate) listener: Arc<ListenerContext>,
     pub(crate) peer: SocketAddr,
     pub(crate) https: bool,
+    pub(crate) activity: Arc<Activity>,
+}
+
+impl ConnectionContext {
+    pub(crate) fn new(listener: Arc<ListenerContext>, peer: SocketAddr, https: bool) -> Arc<Self> {
+        Arc::new(ConnectionContext {
+            listener,
+            peer,
+            https,
+            activity: Activity::new(),
+        })
+    }
 }
 
 /// What happened to a request, for the access log.
@@ -41,6 +54,7 @@ pub(crate) async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
+    let in_flight = conn.activity.begin();
     let request_id = forward::ensure_request_id(req.headers_mut());
     let head = telemetry::access_log_enabled().then(|| {
         (
@@ -51,7 +65,9 @@ pub(crate) async fn handle(
         )
     });
     let mut outcome = Outcome::default();
-    let response = proxy(&conn, req, &mut outcome, started).await;
+    let response = proxy(&conn, req, &mut outcome, started)
+        .await
+        .map(|body| body.with_in_flight(in_flight));
     let Some((method, uri, host, version)) = head else {
         return Ok(response);
     };
