@@ -10,6 +10,24 @@ use sluice_tests::client::{H1, connect, get};
 use sluice_tests::{Manifest, Mode, Origin, WAIT, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Waits for `closed` (the connection ending) and checks that the idle
+/// timeout did it: not before ~300 ms, and long before header_read_timeout (10 s).
+async fn closed_by_idle_timeout<T>(closed: impl Future<Output = T>) -> anyhow::Result<T> {
+    let idle_from = Instant::now();
+    let ended = within(
+        "the idle connection to be closed",
+        Duration::from_secs(5),
+        closed,
+    )
+    .await?;
+    let closed_after = idle_from.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(250),
+        "closed too early: {closed_after:?}"
+    );
+    Ok(ended)
+}
+
 const IDLE: &str = "idle_timeout = \"300ms\"\nheader_read_timeout = \"10s\"";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,20 +54,8 @@ async fn idle_http2_connection_is_closed_after_idle_timeout() -> anyhow::Result<
     assert_eq!(response.status(), 200);
     drop(response);
 
-    let idle_from = Instant::now();
     // The server's GOAWAY ends the client connection future.
-    within(
-        "the idle connection to be closed",
-        Duration::from_secs(5),
-        connection,
-    )
-    .await??
-    .ok();
-    let closed_after = idle_from.elapsed();
-    assert!(
-        closed_after >= Duration::from_millis(250),
-        "closed too early: {closed_after:?}"
-    );
+    let _ = closed_by_idle_timeout(connection).await??;
     Ok(())
 }
 
@@ -65,20 +71,8 @@ async fn idle_http1_keepalive_connection_is_closed_after_idle_timeout() -> anyho
     let n = within("response", WAIT, stream.read(&mut buf)).await??;
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
-    let idle_from = Instant::now();
     let mut rest = Vec::new();
-    // EOF well before header_read_timeout (10s): the idle timeout closed it.
-    within(
-        "the idle connection to be closed",
-        Duration::from_secs(5),
-        stream.read_to_end(&mut rest),
-    )
-    .await??;
-    let closed_after = idle_from.elapsed();
-    assert!(
-        closed_after >= Duration::from_millis(250),
-        "closed too early: {closed_after:?}"
-    );
+    closed_by_idle_timeout(stream.read_to_end(&mut rest)).await??;
     Ok(())
 }
 
