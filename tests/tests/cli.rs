@@ -188,8 +188,12 @@ struct Running {
 
 impl Running {
     fn start(manifest: &Path) -> Running {
+        Running::start_with(&["run", "--workers", "2", "-c"], manifest)
+    }
+
+    fn start_with(args: &[&str], manifest: &Path) -> Running {
         let mut child = Command::new(SLUICE)
-            .args(["run", "--workers", "2", "-c"])
+            .args(args)
             .arg(manifest)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -384,4 +388,72 @@ fn sighup_reloads_routes_and_a_broken_manifest_keeps_the_old_ones() {
         "{refused}"
     );
     assert_eq!(get(gateway.addr, "/fast").0, "HTTP/1.1 200 OK");
+}
+
+#[test]
+fn each_request_writes_one_json_access_line() {
+    let backend = slow_backend(Duration::ZERO, "fast");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_manifest(dir.path(), "log.toml", &manifest_for(backend, ""));
+    let gateway = Running::start(&path);
+    assert_eq!(get(gateway.addr, "/slow/x?q=1").0, "HTTP/1.1 200 OK");
+    let line = gateway.wait_for("\"sluice::access\"", Duration::from_secs(5));
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(log["route"], "slow");
+    assert_eq!(log["upstream"], "slow");
+    assert_eq!(log["endpoint"], backend.to_string());
+    assert_eq!(log["status"], 200);
+    assert_eq!(log["method"], "GET");
+    assert_eq!(log["path"], "/slow/x");
+    assert_eq!(log["query"], "q=1");
+    assert_eq!(log["bytes_sent"], 4);
+    assert_eq!(log["completed"], true);
+    assert_eq!(log["request_id"].as_str().map(str::len), Some(32));
+    assert!(log["duration_ms"].as_f64().is_some());
+
+    assert!(get(gateway.addr, "/elsewhere").0.contains("404"));
+    let line = gateway.wait_for("\"sluice::access\"", Duration::from_secs(5));
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(log["status"], 404);
+    assert_eq!(log["error"], "no-route");
+}
+
+/// A free loopback port (bound, then released for the demo to take).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml"),
+    )
+    .unwrap();
+    // The demo manifest with free ports, so the test never collides with anything.
+    let text = demo
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9101", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9102", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9103", &format!("127.0.0.1:{}", free_port()));
+    let path = write_manifest(dir.path(), "demo.toml", &text);
+    let gateway = Running::start_with(&["demo", "-c"], &path);
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let (status, body) = get(gateway.addr, "/api/hello");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(echo["path"], "/api/hello");
+        assert_eq!(echo["headers"]["via"], "1.1 sluice");
+        backends.insert(echo["backend"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        backends.len(),
+        2,
+        "round-robin over both api echo backends: {backends:?}"
+    );
 }
