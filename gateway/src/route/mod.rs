@@ -93,9 +93,7 @@ impl HostMatch {
             (HostMatch::Any, _) => true,
             (HostMatch::Exact(a), HostMatch::Exact(b)) => a == b,
             (HostMatch::Wildcard(a), HostMatch::Wildcard(b)) => b.ends_with(a.as_str()),
-            (HostMatch::Wildcard(a), HostMatch::Exact(b)) => {
-                HostMatch::Wildcard(a.clone()).matches(b)
-            }
+            (HostMatch::Wildcard(_), HostMatch::Exact(b)) => self.matches(b),
             _ => false,
         }
     }
