@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod proxy;
+pub(crate) mod plugin;
 mod route;
 pub mod telemetry;
 mod upstream;
