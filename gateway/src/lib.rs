@@ -7,14 +7,17 @@
 //! pool; [`telemetry`] writes the access log. [`demo`] runs echo backends for
 //! `sluice demo`, and [`cli`] is the `sluice` command line.
 
+#[doc(hidden)]
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod proxy;
 pub(crate) mod plugin;
+pub mod proxy;
 mod route;
 pub mod telemetry;
 mod upstream;
 
 pub use config::{Config, ConfigError};
+pub use plugin::{CallStatsSnapshot, PluginReport};
 pub use proxy::{Drained, Gateway, Reloader, StartError, bind_for_workers};

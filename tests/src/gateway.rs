@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 /// A running gateway. Dropping it signals shutdown and stops serving.
 #[derive(Debug)]
 pub struct TestGateway {
+    config: sluice::Config,
     addrs: Vec<(String, SocketAddr)>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<sluice::Drained>>,
@@ -33,6 +34,7 @@ impl TestGateway {
             let _ = rx.await;
         }));
         Ok(TestGateway {
+            config,
             addrs,
             shutdown: Some(tx),
             task: Some(task),
@@ -54,6 +56,19 @@ impl TestGateway {
                     self.addrs
                 )
             })
+    }
+
+    /// What the gateway knows about plugin `name`: version, call statistics, metrics.
+    ///
+    /// # Panics
+    /// When the manifest has no such plugin: a mistake in the test itself.
+    pub fn plugin(&self, name: &str) -> sluice::PluginReport {
+        self.config.plugin_report(name).unwrap_or_else(|| {
+            panic!(
+                "no plugin named {name:?}; the gateway has {:?}",
+                self.config.plugin_names()
+            )
+        })
     }
 
     /// Signals shutdown and waits (bounded by `limit`) for the drain to end.

@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod guests;
 pub mod origin;
 pub mod tls;
 

@@ -20,11 +20,46 @@ pub(crate) struct ManifestFile {
     #[serde(default)]
     pub(crate) listener: Vec<ListenerFile>,
     #[serde(default)]
-    pub(crate) plugin: BTreeMap<String, toml::Value>,
+    pub(crate) plugin: BTreeMap<String, PluginFile>,
     #[serde(default)]
     pub(crate) upstream: BTreeMap<String, UpstreamFile>,
     #[serde(default)]
     pub(crate) route: Vec<RouteFile>,
+}
+
+/// One `[plugin.NAME]`: a policy component and how to run it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PluginFile {
+    /// `builtin:NAME` or a path to a `.wasm` component.
+    pub(crate) source: String,
+    /// Handed to the plugin's `init` as JSON.
+    pub(crate) config: Option<toml::Table>,
+    pub(crate) on_error: Option<OnErrorFile>,
+    pub(crate) deadline: Option<DurationText>,
+    pub(crate) memory: Option<ByteSize>,
+    pub(crate) instances: Option<InstancesFile>,
+    pub(crate) pool_size: Option<usize>,
+}
+
+/// `on_error = "open" | "closed"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum OnErrorFile {
+    /// Skip the failed policy.
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
+/// `instances = "pooled" | "per-request"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum InstancesFile {
+    /// Keep instances and reuse them (the default).
+    Pooled,
+    /// A fresh instance for every call: full isolation between requests, at ~25–50 µs a call.
+    PerRequest,
 }
 
 /// `[server]`: process-wide settings.

@@ -16,8 +16,13 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+use crate::plugin::chain::Chain;
+use crate::plugin::{OnError, Plugin, PluginError, PluginSpec, Source};
 use crate::route::{HostMatch, PathMatch, Route, RouteMatch, RouteTable};
-use file::{EndpointFile, ListenerFile, ManifestFile, RouteFile, UpstreamFile};
+use file::{
+    EndpointFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile, PluginFile, RouteFile,
+    UpstreamFile,
+};
 
 /// Default bound on draining in-flight requests at shutdown.
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,6 +46,14 @@ const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default wait for an upstream's response head.
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default wall-clock budget of one plugin call.
+const DEFAULT_PLUGIN_DEADLINE: Duration = Duration::from_millis(10);
+/// Default linear-memory cap of one plugin instance.
+const DEFAULT_PLUGIN_MEMORY: u64 = 64 << 20;
+/// Default number of idle instances kept per plugin.
+const DEFAULT_PLUGIN_POOL: usize = 32;
+/// Names a balancer may use for the builtin round-robin without a `[plugin.*]` table.
+const ROUND_ROBIN_ALIASES: [&str; 2] = ["rr", "round-robin"];
 
 /// A validated manifest: what the gateway serves.
 #[derive(Debug, Clone)]
@@ -50,6 +63,8 @@ pub struct Config {
     pub(crate) listeners: Vec<ListenerConfig>,
     pub(crate) upstreams: Vec<UpstreamConfig>,
     pub(crate) routes: RouteTable,
+    /// Every loaded plugin by name, including builtins used directly as balancers.
+    pub(crate) plugins: BTreeMap<String, Arc<Plugin>>,
 }
 
 /// One listener, ready to bind.
@@ -86,6 +101,8 @@ pub(crate) struct UpstreamConfig {
     pub(crate) keepalive_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) timeout: Duration,
+    /// The plugin that picks endpoints; `None` for the core's weighted round-robin.
+    pub(crate) balancer: Option<Arc<Plugin>>,
 }
 
 /// One endpoint of an upstream.
@@ -167,6 +184,7 @@ impl Config {
         Validator {
             base,
             problems: Vec::new(),
+            plugins: BTreeMap::new(),
         }
         .validate(manifest, origin)
     }
@@ -184,6 +202,16 @@ impl Config {
             .flat_map(|u| u.endpoints.iter().map(|e| e.addr))
             .filter(|addr| seen.insert(*addr))
             .collect()
+    }
+
+    /// What the host knows about plugin `name`: source, version and statistics.
+    pub fn plugin_report(&self, name: &str) -> Option<crate::plugin::PluginReport> {
+        self.plugins.get(name).map(|p| p.report())
+    }
+
+    /// The names of every loaded plugin.
+    pub fn plugin_names(&self) -> Vec<String> {
+        self.plugins.keys().cloned().collect()
     }
 
     /// Listener names with the addresses they are configured to bind.
@@ -238,6 +266,8 @@ fn line_suffix(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 struct Validator<'a> {
     base: &'a Path,
     problems: Vec<Problem>,
+    /// Plugins loaded so far, by name.
+    plugins: BTreeMap<String, Arc<Plugin>>,
 }
 
 impl Validator<'_> {
@@ -255,11 +285,8 @@ impl Validator<'_> {
                 "the admin API is not implemented in this build yet; remove [admin]",
             );
         }
-        for name in manifest.plugin.keys() {
-            self.problem(
-                format!("plugin.{name}"),
-                "policy plugins are not implemented in this build yet; remove [plugin.*]",
-            );
+        for (name, plugin) in &manifest.plugin {
+            self.plugin(name, plugin);
         }
         if manifest.listener.is_empty() {
             self.problem("listener", "at least one [[listener]] is required");
@@ -300,6 +327,7 @@ impl Validator<'_> {
                 listeners,
                 upstreams,
                 routes,
+                plugins: self.plugins,
             })
         } else {
             Err(ConfigError {
@@ -441,13 +469,10 @@ impl Validator<'_> {
                 "every endpoint is a backup; at least one must be primary",
             );
         }
-        match file.balancer.as_deref() {
-            None | Some("rr" | "round-robin") => {}
-            Some(other) => self.problem(
-                format!("{key}.balancer"),
-                format!("balancer \"{other}\" is not available: this build has only the core's \"round-robin\" (balancer plugins are not implemented yet)"),
-            ),
-        }
+        let balancer = file
+            .balancer
+            .as_deref()
+            .and_then(|name| self.balancer(&format!("{key}.balancer"), name));
         for (field, present) in [
             ("health", file.health.is_some()),
             ("passive", file.passive.is_some()),
@@ -479,7 +504,128 @@ impl Validator<'_> {
                 .connect_timeout
                 .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             timeout: file.timeout.map_or(DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
+            balancer,
         }
+    }
+
+    /// Loads `[plugin.NAME]`, recording a problem at the key that caused a failure.
+    fn plugin(&mut self, name: &str, file: &PluginFile) {
+        let key = format!("plugin.{name}");
+        check_name(self, &key, name);
+        let source = match file.source.strip_prefix("builtin:") {
+            Some(builtin) => Source::Builtin(builtin.to_string()),
+            None => Source::File(self.base.join(&file.source)),
+        };
+        let config = match &file.config {
+            None => "{}".to_string(),
+            Some(table) => match serde_json::to_string(table) {
+                Ok(json) => json,
+                Err(e) => {
+                    self.problem(
+                        format!("{key}.config"),
+                        format!("cannot be expressed as JSON: {e}"),
+                    );
+                    return;
+                }
+            },
+        };
+        let deadline = file.deadline.map_or(DEFAULT_PLUGIN_DEADLINE, |d| d.0);
+        if deadline.is_zero() {
+            self.problem(format!("{key}.deadline"), "must be greater than zero");
+        }
+        let memory = file.memory.map_or(DEFAULT_PLUGIN_MEMORY, |m| m.0);
+        if memory < (1 << 16) {
+            self.problem(
+                format!("{key}.memory"),
+                "must be at least 64KiB (one Wasm page)",
+            );
+        }
+        if file.pool_size == Some(0) {
+            self.problem(format!("{key}.pool_size"), "must be at least 1");
+        }
+        let spec = PluginSpec {
+            name: name.to_string(),
+            source,
+            config,
+            on_error: match file.on_error {
+                Some(OnErrorFile::Open) => OnError::Open,
+                None | Some(OnErrorFile::Closed) => OnError::Closed,
+            },
+            deadline,
+            memory_bytes: usize::try_from(memory).unwrap_or(usize::MAX),
+            reuse_instances: !matches!(file.instances, Some(InstancesFile::PerRequest)),
+            pool_size: file.pool_size.unwrap_or(DEFAULT_PLUGIN_POOL),
+        };
+        self.load_plugin(&key, spec);
+    }
+
+    fn load_plugin(&mut self, key: &str, spec: PluginSpec) -> Option<Arc<Plugin>> {
+        let name = spec.name.clone();
+        match Plugin::load(spec) {
+            Ok(plugin) => {
+                self.plugins.insert(name, plugin.clone());
+                Some(plugin)
+            }
+            Err(error) => {
+                let at = match &error {
+                    PluginError::Init(_) => format!("{key}.config"),
+                    _ => format!("{key}.source"),
+                };
+                self.problem(at, format!("plugin \"{name}\": {error}"));
+                None
+            }
+        }
+    }
+
+    /// The plugin an upstream's `balancer` names: a `[plugin.*]`, or a builtin
+    /// balancer used directly (`"round-robin"`, alias `"rr"`).
+    fn balancer(&mut self, key: &str, name: &str) -> Option<Arc<Plugin>> {
+        let builtin = if ROUND_ROBIN_ALIASES.contains(&name) {
+            "round-robin"
+        } else {
+            name
+        };
+        let plugin = match self.plugins.get(name).or_else(|| self.plugins.get(builtin)) {
+            Some(plugin) => plugin.clone(),
+            None if crate::plugin::builtin::names().contains(&builtin) => {
+                let spec = PluginSpec {
+                    name: builtin.to_string(),
+                    source: Source::Builtin(builtin.to_string()),
+                    config: "{}".to_string(),
+                    on_error: OnError::Closed,
+                    deadline: DEFAULT_PLUGIN_DEADLINE,
+                    memory_bytes: usize::try_from(DEFAULT_PLUGIN_MEMORY).unwrap_or(usize::MAX),
+                    reuse_instances: true,
+                    pool_size: DEFAULT_PLUGIN_POOL,
+                };
+                self.load_plugin(key, spec)?
+            }
+            None => {
+                let mut known: Vec<&str> = self.plugins.keys().map(String::as_str).collect();
+                known.extend(crate::plugin::builtin::names());
+                let hint = closest(name, &known)
+                    .map(|n| format!(" (did you mean \"{n}\"?)"))
+                    .unwrap_or_default();
+                self.problem(
+                    key,
+                    format!(
+                        "balancer \"{name}\" is neither a [plugin.*] nor a builtin balancer{hint}"
+                    ),
+                );
+                return None;
+            }
+        };
+        if !plugin.is_balancer() {
+            self.problem(
+                key,
+                format!(
+                    "plugin \"{}\" does not export `balance`, so it cannot pick endpoints",
+                    plugin.name
+                ),
+            );
+            return None;
+        }
+        Some(plugin)
     }
 
     fn routes(&mut self, files: &[RouteFile], upstream_names: &[&str]) -> RouteTable {
@@ -507,12 +653,7 @@ impl Validator<'_> {
                     ),
                 );
             }
-            if file.policies.as_ref().is_some_and(|p| !p.is_empty()) {
-                self.problem(
-                    format!("{key}.policies"),
-                    "policy plugins are not implemented in this build yet; remove `policies`",
-                );
-            }
+            let chain = self.chain(&key, file.policies.as_deref().unwrap_or_default());
             let Some(matcher) = self.route_match(&key, file) else {
                 continue;
             };
@@ -521,10 +662,48 @@ impl Validator<'_> {
                 matcher,
                 upstream: upstream.unwrap_or(0),
                 max_body_bytes: file.max_body_bytes.map(|b| b.0),
+                chain,
                 order: i,
             });
         }
         RouteTable::new(routes)
+    }
+
+    /// A route's `policies`: each a loaded `[plugin.*]` with a request, response or outcome hook.
+    fn chain(&mut self, key: &str, names: &[String]) -> Chain {
+        let mut policies = Vec::with_capacity(names.len());
+        for (j, name) in names.iter().enumerate() {
+            let at = format!("{key}.policies[{j}]");
+            let Some(plugin) = self.plugins.get(name).cloned() else {
+                let known: Vec<&str> = self.plugins.keys().map(String::as_str).collect();
+                let hint = closest(name, &known)
+                    .map(|n| format!(" (did you mean \"{n}\"?)"))
+                    .unwrap_or_default();
+                self.problem(
+                    at,
+                    format!("plugin \"{name}\" is not defined (or failed to load){hint}"),
+                );
+                continue;
+            };
+            if !(plugin.has_request_hook()
+                || plugin.has_response_hook()
+                || plugin.has_outcome_hook())
+            {
+                self.problem(
+                    at,
+                    format!(
+                        "plugin \"{name}\" is a balancer only; use it as an upstream's `balancer`"
+                    ),
+                );
+                continue;
+            }
+            if policies.iter().any(|p: &Arc<Plugin>| p.name == plugin.name) {
+                self.problem(at, format!("plugin \"{name}\" is listed twice"));
+                continue;
+            }
+            policies.push(plugin);
+        }
+        Chain::new(policies)
     }
 
     fn route_match(&mut self, key: &str, file: &RouteFile) -> Option<RouteMatch> {

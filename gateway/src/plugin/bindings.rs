@@ -1,9 +1,15 @@
-//! Host bindings generated from `wit/` (world `gateway`: every export the host understands).
+//! Host bindings generated from `wit/` (world `gateway`: every export the
+//! host understands; a component may export any subset of them).
 
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "gateway",
-    imports: { default: async | trappable },
+    // Shared state may live in Redis: its imports are async. Everything else
+    // answers from memory and stays a plain call.
+    imports: {
+        "sluice:policy/state": async | trappable,
+        default: trappable,
+    },
     exports: { default: async },
     with: {
         "sluice:policy/types.request": super::host::RequestHandle,

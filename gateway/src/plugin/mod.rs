@@ -1,8 +1,625 @@
-//! Policy plugins: the wasmtime engine, component cache, instance pools, host imports and chains.
-#![allow(missing_docs)]
+//! Policy plugins: WIT-defined Wasm components the gateway runs per request.
+//!
+//! A [`Plugin`] is one loaded version of a `[plugin.NAME]`: its compiled
+//! component, an `InstancePre` with every host import linked, which hooks it
+//! exports, and a pool of ready instances. A hook call takes an instance from
+//! the pool (or makes one), lends it the request, runs with a wall-clock
+//! deadline and a memory cap, and returns the instance to the pool — unless
+//! the call trapped or ran out of time, in which case the instance is thrown
+//! away and the caller applies the plugin's `on_error`.
+//!
+//! [`chain`] runs a route's policies in request order; [`engine`] owns the
+//! one `Engine`, its epoch ticker and the compiled-component cache; [`host`]
+//! implements the imports; [`scope`] and [`state`] keep what outlives an
+//! instance.
+
 mod bindings;
-mod host {
-    pub struct RequestHandle;
-    pub struct ResponseHandle;
-    pub struct UpstreamHandle;
+pub(crate) mod builtin;
+pub(crate) mod chain;
+pub(crate) mod engine;
+pub(crate) mod host;
+pub(crate) mod scope;
+mod state;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use sha2::{Digest as _, Sha256};
+use wasmtime::component::{InstancePre, Resource};
+use wasmtime::{Store, UpdateDeadline};
+
+use bindings::exports::sluice::policy::{
+    balance, configure, outcome_hook, request_hook, response_hook,
+};
+pub(crate) use bindings::sluice::policy::types::{Action, Candidate, ErrorKind, Outcome, Reply};
+use host::{Ctx, RequestHandle, RequestState, ResponseHandle, UpstreamHandle, UpstreamMeta};
+pub use scope::CallStatsSnapshot;
+use scope::{Failure, PluginScope};
+
+/// What the host knows about one loaded plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginReport {
+    /// The `[plugin.NAME]` name (or the builtin's name when used directly as a balancer).
+    pub name: String,
+    /// `builtin:NAME` or the component's path.
+    pub source: String,
+    /// SHA-256 of the component, hex.
+    pub version: String,
+    /// The host's call statistics.
+    pub stats: CallStatsSnapshot,
+    /// Counters the plugin reported through the `metrics` import.
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Gauges the plugin reported through the `metrics` import.
+    pub gauges: std::collections::BTreeMap<String, i64>,
+}
+
+/// Where a plugin's component comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Embedded in the binary: `builtin:NAME`.
+    Builtin(String),
+    /// A `.wasm` file.
+    File(PathBuf),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Builtin(name) => write!(f, "builtin:{name}"),
+            Source::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// What a failed call means for the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnError {
+    /// Skip the policy and go on as if it had said "continue".
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
+/// A plugin as the manifest describes it, ready to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PluginSpec {
+    pub(crate) name: String,
+    pub(crate) source: Source,
+    /// The `config` table as JSON.
+    pub(crate) config: String,
+    pub(crate) on_error: OnError,
+    pub(crate) deadline: Duration,
+    pub(crate) memory_bytes: usize,
+    /// Keep instances between calls (the default) or make one per call.
+    pub(crate) reuse_instances: bool,
+    /// Most idle instances kept ready.
+    pub(crate) pool_size: usize,
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PluginError {
+    /// The wasmtime engine could not start.
+    #[error("the Wasm engine could not start: {0}")]
+    Engine(String),
+    /// The source could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file named.
+        path: String,
+        /// What the OS said.
+        reason: String,
+    },
+    /// No builtin plugin has that name.
+    #[error("there is no builtin plugin \"{name}\" (available: {available})")]
+    UnknownBuiltin {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        available: String,
+    },
+    /// The bytes are not a valid component.
+    #[error("not a valid Wasm component: {0}")]
+    Compile(String),
+    /// The component imports something the gateway does not provide.
+    #[error("the component does not fit the sluice:policy@0.1.0 host: {0}")]
+    Link(String),
+    /// The component exports none of the hooks.
+    #[error(
+        "the component exports no sluice:policy@0.1.0 hook (request-hook, response-hook, outcome-hook or balance)"
+    )]
+    NoHooks,
+    /// Instantiation failed (memory cap too low, a start function trapped, ...).
+    #[error("cannot instantiate: {0}")]
+    Instantiate(String),
+    /// `init` refused the configuration.
+    #[error("init refused the config: {0}")]
+    Init(String),
+}
+
+/// A hook call that did not produce a usable answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HookError {
+    /// The guest trapped; its instance was discarded.
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The call ran past the plugin's deadline; its instance was discarded.
+    #[error("ran past its {0:?} deadline")]
+    Deadline(Duration),
+    /// The guest answered something the host cannot use.
+    #[error("{0}")]
+    Invalid(String),
+    /// No instance could be made.
+    #[error("{0}")]
+    Instantiate(String),
+}
+
+/// Which hooks a component exports, as export indices resolved once per version.
+struct Exports {
+    configure: Option<configure::GuestIndices>,
+    request: Option<request_hook::GuestIndices>,
+    response: Option<response_hook::GuestIndices>,
+    outcome: Option<outcome_hook::GuestIndices>,
+    balance: Option<balance::GuestIndices>,
+}
+
+/// One live instance: its store and typed exports.
+struct Instance {
+    store: Store<Ctx>,
+    request: Option<request_hook::Guest>,
+    response: Option<response_hook::Guest>,
+    outcome: Option<outcome_hook::Guest>,
+    balance: Option<balance::Guest>,
+}
+
+/// One loaded version of a plugin.
+pub(crate) struct Plugin {
+    pub(crate) name: Arc<str>,
+    pub(crate) spec: PluginSpec,
+    /// SHA-256 of the component, hex.
+    pub(crate) version: String,
+    engine: wasmtime::Engine,
+    pre: InstancePre<Ctx>,
+    exports: Exports,
+    pool: ArrayQueue<Instance>,
+    scope: Arc<PluginScope>,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("source", &self.spec.source)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// Reads, compiles (or loads from the cache), links and instantiates the
+    /// plugin, running `init` with its config. Blocks: compiling can take
+    /// seconds, so call it off the runtime threads.
+    pub(crate) fn load(spec: PluginSpec) -> Result<Arc<Plugin>, PluginError> {
+        let runtime = engine::runtime()?;
+        let bytes = match &spec.source {
+            Source::Builtin(name) => builtin::bytes(name)?.to_vec(),
+            Source::File(path) => std::fs::read(path).map_err(|e| PluginError::Read {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?,
+        };
+        Plugin::from_bytes(spec, &bytes, runtime)
+    }
+
+    pub(crate) fn from_bytes(
+        spec: PluginSpec,
+        bytes: &[u8],
+        runtime: &engine::Runtime,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let version = hex(&Sha256::digest(bytes));
+        let component = runtime
+            .compile(bytes, &version)
+            .map_err(PluginError::Compile)?;
+        let pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Link(format!("{e:#}")))?;
+        let exports = Exports {
+            configure: configure::GuestIndices::new(&pre).ok(),
+            request: request_hook::GuestIndices::new(&pre).ok(),
+            response: response_hook::GuestIndices::new(&pre).ok(),
+            outcome: outcome_hook::GuestIndices::new(&pre).ok(),
+            balance: balance::GuestIndices::new(&pre).ok(),
+        };
+        if exports.request.is_none()
+            && exports.response.is_none()
+            && exports.outcome.is_none()
+            && exports.balance.is_none()
+        {
+            return Err(PluginError::NoHooks);
+        }
+        let plugin = Arc::new(Plugin {
+            name: Arc::from(spec.name.as_str()),
+            scope: scope::scope_for(&spec.name),
+            pool: ArrayQueue::new(spec.pool_size.max(1)),
+            spec,
+            version,
+            engine: runtime.engine.clone(),
+            pre,
+            exports,
+        });
+        // The first instance proves the plugin runs and accepts its config.
+        let first = pollster::block_on(plugin.instantiate()).map_err(|e| match e {
+            InstantiateError::Init(message) => PluginError::Init(message),
+            InstantiateError::Other(message) => PluginError::Instantiate(message),
+        })?;
+        plugin.release(first);
+        Ok(plugin)
+    }
+
+    /// Whether the plugin exports `on-request`.
+    pub(crate) fn has_request_hook(&self) -> bool {
+        self.exports.request.is_some()
+    }
+
+    /// Whether the plugin exports `on-response`.
+    pub(crate) fn has_response_hook(&self) -> bool {
+        self.exports.response.is_some()
+    }
+
+    /// Whether the plugin exports `on-outcome`.
+    pub(crate) fn has_outcome_hook(&self) -> bool {
+        self.exports.outcome.is_some()
+    }
+
+    /// Whether the plugin exports `pick` (it can be an upstream's balancer).
+    pub(crate) fn is_balancer(&self) -> bool {
+        self.exports.balance.is_some()
+    }
+
+    /// Source, version, the host's call statistics and the plugin's own metrics.
+    pub(crate) fn report(&self) -> PluginReport {
+        PluginReport {
+            name: self.name.to_string(),
+            source: self.spec.source.to_string(),
+            version: self.version.clone(),
+            stats: self.scope.stats.snapshot(),
+            counters: self.scope.metrics.counters(),
+            gauges: self.scope.metrics.gauges(),
+        }
+    }
+
+    /// A new instance with `init` run.
+    async fn instantiate(&self) -> Result<Instance, InstantiateError> {
+        let mut store = Store::new(
+            &self.engine,
+            Ctx::new(self.scope.clone(), self.spec.memory_bytes),
+        );
+        store.limiter(Ctx::limiter);
+        // Each epoch tick past the deadline check: yield to other requests
+        // on this thread while time remains, trap once it is spent.
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                // tokio's yield_now puts the task at the back of the queue;
+                // a plain wake would run it again at once and starve the rest.
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            }
+        });
+        let other = |e: wasmtime::Error| InstantiateError::Other(format!("{e:#}"));
+        // Instantiation runs start functions and, for Python and JavaScript
+        // guests, their runtimes' setup: give it its own, roomier budget.
+        store.data_mut().deadline = Instant::now() + self.spec.deadline.max(INSTANTIATE_BUDGET);
+        store.set_epoch_deadline(1);
+        let instance = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(other)?;
+        let e = &self.exports;
+        let mut loaded = Instance {
+            request: e
+                .request
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()
+                .map_err(other)?,
+            response: e
+                .response
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()
+                .map_err(other)?,
+            outcome: e
+                .outcome
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()
+                .map_err(other)?,
+            balance: e
+                .balance
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()
+                .map_err(other)?,
+            store,
+        };
+        if let Some(indices) = &e.configure {
+            let configure = indices.load(&mut loaded.store, &instance).map_err(other)?;
+            loaded.store.data_mut().deadline =
+                Instant::now() + self.spec.deadline.max(INSTANTIATE_BUDGET);
+            loaded.store.set_epoch_deadline(1);
+            configure
+                .call_init(&mut loaded.store, &self.spec.config)
+                .await
+                .map_err(other)?
+                .map_err(InstantiateError::Init)?;
+        } else if self.spec.config != "{}" {
+            return Err(InstantiateError::Init(
+                "the component takes no config (it does not export `configure`)".into(),
+            ));
+        }
+        self.scope.stats.instantiated();
+        Ok(loaded)
+    }
+
+    /// Makes and drops one instance (for the instantiation benchmark).
+    pub(crate) async fn instantiate_for_bench(&self) -> Result<(), String> {
+        self.instantiate().await.map(drop).map_err(|e| match e {
+            InstantiateError::Init(m) | InstantiateError::Other(m) => m,
+        })
+    }
+
+    /// An instance for one call: a pooled one, or a new one.
+    async fn acquire(&self) -> Result<Instance, HookError> {
+        if self.spec.reuse_instances
+            && let Some(instance) = self.pool.pop()
+        {
+            return Ok(instance);
+        }
+        self.instantiate().await.map_err(|e| {
+            let message = match e {
+                InstantiateError::Init(m) => format!("init failed: {m}"),
+                InstantiateError::Other(m) => m,
+            };
+            self.scope.stats.record(Duration::ZERO, Some(Failure::Trap));
+            HookError::Instantiate(message)
+        })
+    }
+
+    fn release(&self, mut instance: Instance) {
+        if self.spec.reuse_instances {
+            let ctx = instance.store.data_mut();
+            ctx.request = None;
+            ctx.response = None;
+            ctx.upstream = None;
+            // A full pool drops the surplus instance.
+            let _ = self.pool.push(instance);
+        }
+    }
+
+    /// Starts the clock for one call.
+    fn arm(&self, instance: &mut Instance) -> Instant {
+        let now = Instant::now();
+        instance.store.data_mut().deadline = now + self.spec.deadline;
+        instance.store.set_epoch_deadline(1);
+        now
+    }
+
+    /// Records a finished call; classifies a failure. The caller discards
+    /// the instance on `Err`.
+    fn settle<T>(&self, started: Instant, result: wasmtime::Result<T>) -> Result<T, HookError> {
+        let elapsed = started.elapsed();
+        match result {
+            Ok(value) => {
+                self.scope.stats.record(elapsed, None);
+                Ok(value)
+            }
+            Err(error) => {
+                let deadline = matches!(
+                    error.downcast_ref::<wasmtime::Trap>(),
+                    Some(wasmtime::Trap::Interrupt)
+                );
+                if deadline {
+                    self.scope.stats.record(elapsed, Some(Failure::Deadline));
+                    Err(HookError::Deadline(self.spec.deadline))
+                } else {
+                    self.scope.stats.record(elapsed, Some(Failure::Trap));
+                    Err(HookError::Trap(format!("{error:#}")))
+                }
+            }
+        }
+    }
+
+    /// Counts a call whose answer the host refused.
+    fn refuse(&self, message: String) -> HookError {
+        self.scope
+            .stats
+            .record(Duration::ZERO, Some(Failure::Invalid));
+        HookError::Invalid(message)
+    }
+
+    /// Runs `on-request`. The request is lent to the guest and given back.
+    pub(crate) async fn on_request(
+        &self,
+        req: RequestState,
+    ) -> (RequestState, Result<Action, HookError>) {
+        let mut instance = match self.acquire().await {
+            Ok(instance) => instance,
+            Err(e) => return (req, Err(e)),
+        };
+        let Some(hook) = instance.request.clone() else {
+            self.release(instance);
+            return (req, Ok(Action::Continue));
+        };
+        instance.store.data_mut().request = Some(req);
+        let started = self.arm(&mut instance);
+        let called = hook
+            .call_on_request(&mut instance.store, Resource::new_borrow(0))
+            .await;
+        let req = take_request(&mut instance);
+        match self.settle(started, called) {
+            Ok(action) => {
+                self.release(instance);
+                (req, Ok(action))
+            }
+            Err(e) => (req, Err(e)),
+        }
+    }
+
+    /// Runs `on-response` with the request as forwarded and the response head.
+    pub(crate) async fn on_response(
+        &self,
+        req: RequestState,
+        resp: http::response::Parts,
+    ) -> (RequestState, http::response::Parts, Result<(), HookError>) {
+        let mut instance = match self.acquire().await {
+            Ok(instance) => instance,
+            Err(e) => return (req, resp, Err(e)),
+        };
+        let Some(hook) = instance.response.clone() else {
+            self.release(instance);
+            return (req, resp, Ok(()));
+        };
+        let ctx = instance.store.data_mut();
+        ctx.request = Some(req);
+        ctx.response = Some(resp);
+        let started = self.arm(&mut instance);
+        let called = hook
+            .call_on_response(
+                &mut instance.store,
+                Resource::<RequestHandle>::new_borrow(0),
+                Resource::<ResponseHandle>::new_borrow(0),
+            )
+            .await;
+        let req = take_request(&mut instance);
+        let resp = take_response(&mut instance);
+        match self.settle(started, called) {
+            Ok(()) => {
+                self.release(instance);
+                (req, resp, Ok(()))
+            }
+            Err(e) => (req, resp, Err(e)),
+        }
+    }
+
+    /// Runs `on-outcome`.
+    pub(crate) async fn on_outcome(&self, outcome: &Outcome) -> Result<(), HookError> {
+        let mut instance = self.acquire().await?;
+        let Some(hook) = instance.outcome.clone() else {
+            self.release(instance);
+            return Ok(());
+        };
+        let started = self.arm(&mut instance);
+        let called = hook.call_on_outcome(&mut instance.store, outcome).await;
+        self.settle(started, called)?;
+        self.release(instance);
+        Ok(())
+    }
+
+    /// Runs `pick` over `candidates`; the answer is a position in it.
+    pub(crate) async fn pick(
+        &self,
+        req: RequestState,
+        upstream: Arc<UpstreamMeta>,
+        candidates: &[Candidate],
+    ) -> (RequestState, Result<Option<usize>, HookError>) {
+        let mut instance = match self.acquire().await {
+            Ok(instance) => instance,
+            Err(e) => return (req, Err(e)),
+        };
+        let Some(hook) = instance.balance.clone() else {
+            self.release(instance);
+            return (req, Err(self.refuse("the plugin is not a balancer".into())));
+        };
+        let ctx = instance.store.data_mut();
+        ctx.request = Some(req);
+        ctx.upstream = Some(upstream);
+        let started = self.arm(&mut instance);
+        let called = hook
+            .call_pick(
+                &mut instance.store,
+                Resource::<RequestHandle>::new_borrow(0),
+                Resource::<UpstreamHandle>::new_borrow(0),
+                candidates,
+            )
+            .await;
+        let req = take_request(&mut instance);
+        match self.settle(started, called) {
+            Ok(None) => {
+                self.release(instance);
+                (req, Ok(None))
+            }
+            Ok(Some(position)) => {
+                self.release(instance);
+                match usize::try_from(position)
+                    .ok()
+                    .filter(|p| *p < candidates.len())
+                {
+                    Some(p) => (req, Ok(Some(p))),
+                    None => (
+                        req,
+                        Err(self.refuse(format!(
+                            "pick returned position {position} of {} candidates",
+                            candidates.len()
+                        ))),
+                    ),
+                }
+            }
+            Err(e) => (req, Err(e)),
+        }
+    }
+
+    /// The plugin's `on_error` for a failed call.
+    pub(crate) fn on_error(&self) -> OnError {
+        self.spec.on_error
+    }
+
+    /// Reports a refused answer (bad reply, unknown upstream) from a hook.
+    pub(crate) fn refused(&self, message: String) -> HookError {
+        self.refuse(message)
+    }
+}
+
+/// Instantiation budget, at least: a Python guest's first instance takes
+/// about a millisecond, and a cold start on a busy machine much more.
+const INSTANTIATE_BUDGET: Duration = Duration::from_secs(5);
+
+enum InstantiateError {
+    Init(String),
+    Other(String),
+}
+
+/// Takes the lent request back out of a store; the host put it there, so it is present.
+fn take_request(instance: &mut Instance) -> RequestState {
+    instance
+        .store
+        .data_mut()
+        .request
+        .take()
+        .unwrap_or_else(RequestState::placeholder)
+}
+
+fn take_response(instance: &mut Instance) -> http::response::Parts {
+    instance
+        .store
+        .data_mut()
+        .response
+        .take()
+        .unwrap_or_else(|| http::Response::new(()).into_parts().0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }

@@ -5,18 +5,23 @@ use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::ListenerContext;
 use super::activity::Activity;
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
 use super::forward::{self, ClientHop};
+use crate::plugin::chain::{LocalReply, Verdict, apply_on_error};
+use crate::plugin::host::RequestState;
+use crate::plugin::{ErrorKind, Outcome as PolicyOutcome};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::{self, AccessRecord};
+use crate::upstream::{Endpoint, Upstream};
 
 /// Everything a request needs to know about its connection.
 #[derive(Debug)]
@@ -46,6 +51,7 @@ struct Outcome {
     endpoint: Option<SocketAddr>,
     upstream_ms: Option<f64>,
     error: Option<&'static str>,
+    policy: Option<Arc<str>>,
 }
 
 /// hyper's entry point for each request on a connection.
@@ -86,6 +92,7 @@ pub(crate) async fn handle(
         status: response.status().as_u16(),
         upstream_ms: outcome.upstream_ms,
         error: outcome.error,
+        policy: outcome.policy,
         bytes_sent: 0,
         body_complete: false,
         upstream_body_error: false,
@@ -95,7 +102,7 @@ pub(crate) async fn handle(
 
 async fn proxy(
     conn: &ConnectionContext,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     outcome: &mut Outcome,
     started: Instant,
 ) -> Response<ResponseBody> {
@@ -137,7 +144,7 @@ async fn proxy(
         );
     }
 
-    let Some(upstream) = tables.upstreams.get(route.upstream) else {
+    let Some(mut upstream) = tables.upstreams.get(route.upstream) else {
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "no upstream\n",
@@ -145,8 +152,85 @@ async fn proxy(
             outcome,
         );
     };
+
+    let upgrade = forward::upgrade_request(req.version(), req.headers());
+    let (parts, body) = req.into_parts();
+    let mut request = RequestState {
+        parts,
+        client_ip: conn.peer.ip(),
+        https: conn.https,
+        route: route.name.clone(),
+        upstream: upstream.name.clone(),
+    };
+
+    // Policies: admit, answer, rewrite, steer.
+    let chain = &route.chain;
+    if !chain.is_empty() {
+        let upstream_named = |name: &str| {
+            tables
+                .upstreams
+                .iter()
+                .find(|u| &*u.name == name)
+                .map(|u| u.name.clone())
+        };
+        let (back, verdict) = chain.on_request(request, upstream_named).await;
+        request = back;
+        match verdict {
+            Verdict::Forward => {}
+            Verdict::Answer(reply) => return answered(reply, outcome),
+            Verdict::Failed(plugin) => return policy_failed(plugin, outcome),
+        }
+        if !Arc::ptr_eq(&request.upstream, &upstream.name) {
+            match tables
+                .upstreams
+                .iter()
+                .find(|u| Arc::ptr_eq(&u.name, &request.upstream))
+            {
+                Some(steered) => upstream = steered,
+                None => {
+                    return local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no upstream\n",
+                        "no-upstream",
+                        outcome,
+                    );
+                }
+            }
+        }
+    }
     outcome.upstream = Some(upstream.name.clone());
-    let Some(endpoint) = upstream.pick() else {
+
+    // Balance: the core's rotation, or the upstream's balancer plugin.
+    let endpoint = match &upstream.balancer {
+        None => upstream.pick(),
+        Some(balancer) => {
+            let candidates = upstream.candidates();
+            let (back, picked) = balancer
+                .pick(request, upstream.meta.clone(), &candidates)
+                .await;
+            request = back;
+            match picked {
+                Ok(position) => position
+                    .and_then(|p| candidates.get(p))
+                    .and_then(|c| upstream.endpoints.get(c.id as usize)),
+                Err(failure) => match apply_on_error(balancer, "pick", &failure) {
+                    None => upstream.pick(),
+                    Some(_) => return policy_failed(balancer.name.clone(), outcome),
+                },
+            }
+        }
+    };
+    let Some(endpoint) = endpoint else {
+        if chain.has_outcome_hooks() {
+            let report = policy_outcome(
+                &route.name,
+                &upstream.name,
+                None,
+                Err(ErrorKind::NoEndpoint),
+                Duration::ZERO,
+            );
+            chain.on_outcome(&report).await;
+        }
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "no endpoint available\n",
@@ -156,9 +240,13 @@ async fn proxy(
     };
     outcome.endpoint = Some(endpoint.addr);
 
-    let upgrade = forward::upgrade_request(req.version(), req.headers());
-    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    // Forward.
+    let client_upgrade = upgrade
+        .is_some()
+        .then(|| request.parts.extensions.remove::<OnUpgrade>())
+        .flatten();
+    let forwarded_head = chain.has_response_hooks().then(|| request.copy_head());
+    let mut parts = request.parts;
     let hop = ClientHop {
         ip: conn.peer.ip(),
         https: conn.https,
@@ -188,24 +276,59 @@ async fn proxy(
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, body_limit));
 
+    let forwarding = Instant::now();
+    let in_flight = endpoint.begin();
     let sent = tokio::time::timeout(upstream.timeout, upstream.client.request(upstream_req)).await;
-    let mut response = match sent {
-        Err(_elapsed) => {
-            return local(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream timed out\n",
-                "upstream-timeout",
-                outcome,
-            );
-        }
-        Ok(Err(error)) => {
-            let (status, kind, text) = classify(&error);
+    drop(in_flight);
+    let latency = forwarding.elapsed();
+    let failure = match sent {
+        Err(ref _elapsed) => Some((
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-timeout",
+            "upstream timed out\n",
+            Some(ErrorKind::Timeout),
+        )),
+        Ok(Err(ref error)) => {
             tracing::debug!(%error, endpoint = %endpoint.addr, "upstream request failed");
-            return local(status, text, kind, outcome);
+            Some(classify(error))
         }
-        Ok(Ok(response)) => response,
+        Ok(Ok(_)) => None,
     };
+    if let Some((status, kind, text, error_kind)) = failure {
+        if let Some(error_kind) = error_kind
+            && chain.has_outcome_hooks()
+        {
+            let report = policy_outcome(
+                &route.name,
+                &upstream.name,
+                Some((endpoint, upstream)),
+                Err(error_kind),
+                latency,
+            );
+            chain.on_outcome(&report).await;
+        }
+        return local(status, text, kind, outcome);
+    }
+    let Ok(Ok(mut response)) = sent else {
+        return local(
+            StatusCode::BAD_GATEWAY,
+            "upstream failed\n",
+            "upstream-error",
+            outcome,
+        );
+    };
+    endpoint.observe_latency(latency);
     outcome.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+    if chain.has_outcome_hooks() {
+        let report = policy_outcome(
+            &route.name,
+            &upstream.name,
+            Some((endpoint, upstream)),
+            Ok(response.status()),
+            latency,
+        );
+        chain.on_outcome(&report).await;
+    }
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -215,7 +338,66 @@ async fn proxy(
         return response.map(|_| ResponseBody::local(bytes::Bytes::new()));
     }
     forward::response_headers(response.headers_mut());
+    if let Some(head) = forwarded_head {
+        let (parts, body) = response.into_parts();
+        let (parts, rewritten) = chain.on_response(head, parts).await;
+        if let Err(plugin) = rewritten {
+            return policy_failed(plugin, outcome);
+        }
+        response = Response::from_parts(parts, body);
+    }
     response.map(ResponseBody::upstream)
+}
+
+/// The outcome record policies learn from.
+fn policy_outcome(
+    route: &str,
+    upstream_name: &str,
+    endpoint: Option<(&Endpoint, &Upstream)>,
+    result: Result<StatusCode, ErrorKind>,
+    latency: Duration,
+) -> PolicyOutcome {
+    let (address, id) = match endpoint {
+        Some((endpoint, upstream)) => (
+            Some(endpoint.addr.to_string()),
+            upstream
+                .endpoints
+                .iter()
+                .position(|e| std::ptr::eq(e, endpoint))
+                .and_then(|i| u32::try_from(i).ok()),
+        ),
+        None => (None, None),
+    };
+    PolicyOutcome {
+        route: route.to_string(),
+        upstream: upstream_name.to_string(),
+        endpoint: address,
+        endpoint_id: id,
+        status: result.ok().map(|s| s.as_u16()),
+        latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+        error: result.err(),
+    }
+}
+
+/// The response a policy answered with.
+fn answered(reply: LocalReply, outcome: &mut Outcome) -> Response<ResponseBody> {
+    outcome.error = Some("policy-answered");
+    outcome.policy = Some(reply.by);
+    let mut response = Response::new(ResponseBody::local(reply.body));
+    *response.status_mut() = reply.status;
+    *response.headers_mut() = reply.headers;
+    response
+}
+
+/// 503 for a `closed` policy that failed.
+fn policy_failed(plugin: Arc<str>, outcome: &mut Outcome) -> Response<ResponseBody> {
+    outcome.policy = Some(plugin);
+    local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a policy failed\n",
+        "policy-failed",
+        outcome,
+    )
 }
 
 /// Copies bytes both ways between an upgraded client and upstream until either closes.
@@ -241,7 +423,9 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 
 /// Maps a failed upstream exchange to the client's status: 413 when our body
 /// limit cut the upload, 504 for a connect timeout, 502 for every other failure.
-fn classify(error: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str, &'static str) {
+fn classify(
+    error: &hyper_util::client::legacy::Error,
+) -> (StatusCode, &'static str, &'static str, Option<ErrorKind>) {
     let mut source: Option<&(dyn StdError + 'static)> = Some(error);
     let mut timed_out = false;
     while let Some(cause) = source {
@@ -251,11 +435,13 @@ fn classify(error: &hyper_util::client::legacy::Error) -> (StatusCode, &'static 
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body-too-large",
                     "request body too large\n",
+                    None,
                 ),
                 RequestBodyError::Client(_) => (
                     StatusCode::BAD_REQUEST,
                     "client-body-error",
                     "request body failed\n",
+                    None,
                 ),
             };
         }
@@ -272,16 +458,19 @@ fn classify(error: &hyper_util::client::legacy::Error) -> (StatusCode, &'static 
             StatusCode::GATEWAY_TIMEOUT,
             "connect-timeout",
             "upstream connect timed out\n",
+            Some(ErrorKind::ConnectTimeout),
         ),
         (true, false) => (
             StatusCode::BAD_GATEWAY,
             "connect-failed",
             "upstream connection failed\n",
+            Some(ErrorKind::ConnectFailed),
         ),
         (false, _) => (
             StatusCode::BAD_GATEWAY,
             "upstream-error",
             "upstream failed\n",
+            Some(ErrorKind::UpstreamError),
         ),
     }
 }

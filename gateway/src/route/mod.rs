@@ -53,6 +53,8 @@ pub(crate) struct Route {
     pub(crate) upstream: usize,
     /// Request bodies larger than this get 413; `None` is unlimited.
     pub(crate) max_body_bytes: Option<u64>,
+    /// The route's policies, run on each request in order.
+    pub(crate) chain: crate::plugin::chain::Chain,
     /// Position in the manifest, the tie-breaker between equally specific routes.
     pub(crate) order: usize,
 }
@@ -251,6 +253,7 @@ mod tests {
 
     fn route(name: &str, order: usize, host: HostMatch, path: PathMatch) -> Route {
         Route {
+            chain: Default::default(),
             name: name.into(),
             matcher: RouteMatch {
                 host,

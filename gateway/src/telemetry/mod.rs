@@ -59,6 +59,8 @@ pub(crate) struct AccessRecord {
     pub(crate) upstream_ms: Option<f64>,
     /// Why the gateway answered itself (`no-route`, `connect-refused`, …).
     pub(crate) error: Option<&'static str>,
+    /// The policy that answered the request, steered it, or failed it.
+    pub(crate) policy: Option<Arc<str>>,
     pub(crate) bytes_sent: u64,
     pub(crate) body_complete: bool,
     pub(crate) upstream_body_error: bool,
@@ -83,6 +85,7 @@ impl AccessRecord {
             endpoint = self.endpoint.map(tracing::field::display),
             status = self.status,
             error = self.error,
+            policy = self.policy.as_deref(),
             upstream_ms = self.upstream_ms,
             duration_ms,
             bytes_sent = self.bytes_sent,

@@ -1,11 +1,13 @@
-//! Upstreams: endpoints, the core's weighted round-robin, and the pooled
+//! Upstreams: endpoints with their live load, the core's weighted
+//! round-robin, the balancer plugin when one is configured, and the pooled
 //! keep-alive client that forwards to them.
 //!
 //! Backup endpoints are parsed and kept but not picked: choosing them needs
 //! health state, which this build does not track yet.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -14,16 +16,62 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{EndpointConfig, UpstreamConfig};
+use crate::plugin::host::{EndpointMeta, UpstreamMeta};
+use crate::plugin::{Candidate, Plugin};
 use crate::proxy::body::RequestBody;
 
 /// Upper bound on one rotation cycle; weights are scaled down past it.
 const MAX_ROTATION: u64 = 10_000;
 
-/// One endpoint, with its address pre-rendered for request URIs.
+/// Weight of a new latency sample in the moving average (1/8, as Finagle's default decay is close to).
+const EWMA_SHIFT: u32 = 3;
+
+/// One endpoint, with its address pre-rendered for request URIs and its live load.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
     pub(crate) authority: Authority,
+    weight: u32,
+    backup: bool,
+    /// Requests sent and still waiting for their response head.
+    in_flight: AtomicU32,
+    /// Moving average of response-head latency, microseconds; 0 before the first sample.
+    latency_ewma_us: AtomicU32,
+}
+
+impl Endpoint {
+    /// Counts a request as in flight until the returned guard drops.
+    pub(crate) fn begin(&self) -> InFlightRequest<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightRequest(self)
+    }
+
+    /// Folds a response-head latency into the moving average. Concurrent
+    /// updates may lose a sample; the average stays an average.
+    pub(crate) fn observe_latency(&self, latency: Duration) {
+        let sample = u32::try_from(latency.as_micros())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let old = self.latency_ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            let old = i64::from(old);
+            let next = old + ((i64::from(sample) - old) >> EWMA_SHIFT);
+            u32::try_from(next.max(1)).unwrap_or(u32::MAX)
+        };
+        self.latency_ewma_us.store(new, Ordering::Relaxed);
+    }
+}
+
+/// A request counted in its endpoint's in-flight gauge.
+#[derive(Debug)]
+pub(crate) struct InFlightRequest<'a>(&'a Endpoint);
+
+impl Drop for InFlightRequest<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A live upstream: endpoints, rotation and connection pool.
@@ -31,6 +79,10 @@ pub(crate) struct Endpoint {
 pub(crate) struct Upstream {
     pub(crate) name: std::sync::Arc<str>,
     pub(crate) endpoints: Vec<Endpoint>,
+    /// Names, addresses and labels, lent to a balancer plugin.
+    pub(crate) meta: Arc<UpstreamMeta>,
+    /// The plugin that picks endpoints, when the manifest names one.
+    pub(crate) balancer: Option<Arc<Plugin>>,
     /// One smooth-weighted round-robin cycle over the primary endpoints.
     rotation: Vec<usize>,
     next: AtomicUsize,
@@ -50,8 +102,24 @@ impl Upstream {
                 // A socket address always renders as a valid authority.
                 authority: Authority::try_from(e.addr.to_string().as_str())
                     .unwrap_or_else(|_| Authority::from_static("invalid")),
+                weight: e.weight,
+                backup: e.backup,
+                in_flight: AtomicU32::new(0),
+                latency_ewma_us: AtomicU32::new(0),
             })
             .collect();
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        let meta = Arc::new(UpstreamMeta {
+            name: name.clone(),
+            endpoints: config
+                .endpoints
+                .iter()
+                .map(|e| EndpointMeta {
+                    address: e.addr.to_string(),
+                    labels: e.labels.clone(),
+                })
+                .collect(),
+        });
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -64,8 +132,10 @@ impl Upstream {
             .set_host(false)
             .build(connector);
         Upstream {
-            name: std::sync::Arc::from(config.name.as_str()),
+            name,
             endpoints,
+            meta,
+            balancer: config.balancer.clone(),
             rotation: smooth_weighted_rotation(&config.endpoints),
             next: AtomicUsize::new(0),
             client,
@@ -80,6 +150,23 @@ impl Upstream {
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.rotation.len();
         self.endpoints.get(self.rotation[turn])
+    }
+
+    /// The endpoints a balancer may choose from, with their live load.
+    /// Without health state every primary is available, so backups never are.
+    pub(crate) fn candidates(&self) -> Vec<Candidate> {
+        self.endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.backup)
+            .map(|(id, e)| Candidate {
+                id: u32::try_from(id).unwrap_or(u32::MAX),
+                weight: e.weight,
+                in_flight: e.in_flight.load(Ordering::Relaxed),
+                latency_ewma_us: e.latency_ewma_us.load(Ordering::Relaxed),
+                backup: e.backup,
+            })
+            .collect()
     }
 }
 

@@ -1,0 +1,134 @@
+//! Entry points for the criterion benchmarks (`tests/benches/`): load a
+//! plugin, call its hooks, run a chain — the same code the request path runs.
+//! Not a stable API.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::plugin::chain::{Chain, Verdict};
+use crate::plugin::host::{EndpointMeta, RequestState, UpstreamMeta};
+use crate::plugin::{Candidate, OnError, Plugin, PluginSpec, Source, engine};
+
+/// A loaded plugin.
+#[derive(Debug, Clone)]
+pub struct Policy(Arc<Plugin>);
+
+/// Loads `source` (`builtin:NAME` or a path) as plugin `name` with `config`
+/// (JSON), on the gateway's engine or on a separate engine using wasmtime's
+/// pooling allocator.
+pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Policy, String> {
+    let spec = PluginSpec {
+        name: name.to_string(),
+        source: match source.strip_prefix("builtin:") {
+            Some(builtin) => Source::Builtin(builtin.to_string()),
+            None => Source::File(source.into()),
+        },
+        config: config.to_string(),
+        on_error: OnError::Closed,
+        deadline: std::time::Duration::from_secs(1),
+        memory_bytes: 64 << 20,
+        reuse_instances: true,
+        pool_size: 8,
+    };
+    if !pooling {
+        return Plugin::load(spec).map(Policy).map_err(|e| e.to_string());
+    }
+    let runtime: &'static engine::Runtime = Box::leak(Box::new(
+        engine::Runtime::new(true).map_err(|e| format!("{e:#}"))?,
+    ));
+    let bytes = match &spec.source {
+        Source::Builtin(name) => crate::plugin::builtin::bytes(name)
+            .map_err(|e| e.to_string())?
+            .to_vec(),
+        Source::File(path) => std::fs::read(path).map_err(|e| e.to_string())?,
+    };
+    Plugin::from_bytes(spec, &bytes, runtime)
+        .map(Policy)
+        .map_err(|e| e.to_string())
+}
+
+/// A request head as the chain sees it.
+pub fn request(req: http::Request<()>) -> Request {
+    Request(RequestState {
+        parts: req.into_parts().0,
+        client_ip: IpAddr::from([127, 0, 0, 1]),
+        https: false,
+        route: Arc::from("bench"),
+        upstream: Arc::from("app"),
+    })
+}
+
+/// A request lent to hooks.
+#[derive(Debug)]
+pub struct Request(RequestState);
+
+impl Policy {
+    /// One `on-request` call; `true` when the policy said continue.
+    pub async fn on_request(&self, req: Request) -> (Request, bool) {
+        let (back, result) = self.0.on_request(req.0).await;
+        let proceed = matches!(result, Ok(crate::plugin::Action::Continue));
+        (Request(back), proceed)
+    }
+
+    /// One `pick` over `endpoints` equal candidates; the position picked.
+    pub async fn pick(&self, req: Request, upstream: &Upstream) -> (Request, Option<usize>) {
+        let (back, result) = self
+            .0
+            .pick(req.0, upstream.meta.clone(), &upstream.candidates)
+            .await;
+        (Request(back), result.ok().flatten())
+    }
+
+    /// Makes a new instance and runs `init`, then drops it.
+    pub async fn instantiate(&self) -> Result<(), String> {
+        self.0.instantiate_for_bench().await
+    }
+}
+
+/// An upstream of `n` endpoints, for balancer benchmarks.
+#[derive(Debug)]
+pub struct Upstream {
+    meta: Arc<UpstreamMeta>,
+    candidates: Vec<Candidate>,
+}
+
+/// `n` endpoints on 127.0.0.1, weight 1, no load.
+pub fn upstream(n: u16) -> Upstream {
+    Upstream {
+        meta: Arc::new(UpstreamMeta {
+            name: Arc::from("app"),
+            endpoints: (0..n)
+                .map(|i| EndpointMeta {
+                    address: format!("127.0.0.1:{}", 10_000 + i),
+                    labels: Default::default(),
+                })
+                .collect(),
+        }),
+        candidates: (0..u32::from(n))
+            .map(|id| Candidate {
+                id,
+                weight: 1,
+                in_flight: 0,
+                latency_ewma_us: 0,
+                backup: false,
+            })
+            .collect(),
+    }
+}
+
+/// Policies run as a route's chain.
+#[derive(Debug, Clone)]
+pub struct PolicyChain(Chain);
+
+/// A chain of `policies`, in order.
+pub fn chain(policies: &[&Policy]) -> PolicyChain {
+    PolicyChain(Chain::new(policies.iter().map(|p| p.0.clone()).collect()))
+}
+
+impl PolicyChain {
+    /// The request phase; `true` when the request would be forwarded.
+    pub async fn on_request(&self, req: Request) -> (Request, bool) {
+        let (back, verdict) = self.0.on_request(req.0, |_| None).await;
+        (Request(back), matches!(verdict, Verdict::Forward))
+    }
+}

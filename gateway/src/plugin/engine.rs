@@ -1,0 +1,176 @@
+//! The one wasmtime [`Engine`] of the process, its epoch ticker, the
+//! [`Linker`] with every host import, and the on-disk cache of compiled
+//! components.
+
+use std::hash::{Hash as _, Hasher as _};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+use super::PluginError;
+use super::bindings::Gateway as GatewayWorld;
+use super::host::Ctx;
+
+/// How often the epoch advances. A call's deadline is checked (and a long
+/// call yields to other requests on its thread) once per tick.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_micros(250);
+/// How often expired shared-state entries are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// The engine, linker and cache shared by every plugin.
+pub(crate) struct Runtime {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<Ctx>,
+    cache: Option<PathBuf>,
+    /// Hex digest of the engine's compatibility hash and wasmtime's version.
+    engine_key: String,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+/// The process's plugin runtime, created (with its ticker thread) on first use.
+pub(crate) fn runtime() -> Result<&'static Runtime, PluginError> {
+    RUNTIME
+        .get_or_init(|| Runtime::new(false).map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| PluginError::Engine(e.clone()))
+}
+
+impl Runtime {
+    /// An engine with its linker and ticker. `pooling` switches to wasmtime's
+    /// pooling instance allocator; the gateway keeps instances for many
+    /// requests, so it uses the on-demand allocator (see BENCHMARKS.md).
+    pub(crate) fn new(pooling: bool) -> wasmtime::Result<Runtime> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Plain calls, no component-model-async machinery: ~0.2 µs per call
+        // instead of ~0.5 µs (see FACTS.md).
+        config.concurrency_support(false);
+        if pooling {
+            let mut pool = wasmtime::PoolingAllocationConfig::new();
+            pool.total_component_instances(1_000)
+                .total_core_instances(4_000)
+                .total_memories(4_000)
+                .total_tables(4_000)
+                .max_memory_size(64 << 20);
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        GatewayWorld::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |ctx| ctx)?;
+
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        let engine_key = format!("{:016x}", hasher.finish());
+
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                let mut since_sweep = Duration::ZERO;
+                loop {
+                    std::thread::sleep(EPOCH_TICK);
+                    let Some(engine) = ticker.upgrade() else {
+                        return;
+                    };
+                    engine.increment_epoch();
+                    since_sweep += EPOCH_TICK;
+                    if since_sweep >= SWEEP_EVERY {
+                        since_sweep = Duration::ZERO;
+                        super::scope::sweep_expired();
+                    }
+                }
+            })
+            .map_err(|e| wasmtime::format_err!("cannot start the epoch thread: {e}"))?;
+
+        Ok(Runtime {
+            engine,
+            linker,
+            cache: cache_dir(),
+            engine_key,
+        })
+    }
+
+    /// Compiles `bytes` into a component, or loads the compiled artifact
+    /// cached under its content hash. Slow on a miss (tens of milliseconds for
+    /// a Rust guest, seconds for Python or JavaScript): call off the runtime
+    /// threads.
+    pub(crate) fn compile(&self, bytes: &[u8], digest: &str) -> Result<Component, String> {
+        let cached = self
+            .cache
+            .as_ref()
+            .map(|dir| dir.join(format!("{digest}-{}.cwasm", self.engine_key)));
+        if let Some(path) = &cached
+            && let Some(component) = self.load_cached(path)
+        {
+            return Ok(component);
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
+        if let Some(path) = &cached
+            && let Err(error) = store_cached(&component, path)
+        {
+            tracing::debug!(%error, path = %path.display(), "cannot cache a compiled plugin");
+        }
+        Ok(component)
+    }
+
+    /// A cached artifact, if present and intact. Artifacts end with the
+    /// SHA-256 of what precedes it, so a torn or corrupted file is recompiled,
+    /// never loaded.
+    fn load_cached(&self, path: &Path) -> Option<Component> {
+        let mut bytes = std::fs::read(path).ok()?;
+        let body_len = bytes.len().checked_sub(32)?;
+        let trailer = bytes.split_off(body_len);
+        if Sha256::digest(&bytes).as_slice() != trailer.as_slice() {
+            tracing::warn!(path = %path.display(), "ignoring a corrupted plugin cache entry");
+            return None;
+        }
+        deserialize(&self.engine, &bytes)
+    }
+}
+
+/// Loads an artifact this engine produced.
+#[allow(unsafe_code)]
+fn deserialize(engine: &Engine, bytes: &[u8]) -> Option<Component> {
+    // SAFETY: `Component::deserialize` requires bytes produced by
+    // `Component::serialize` of a compatible engine. The file name carries the
+    // engine's compatibility hash, the content is checked against its SHA-256
+    // trailer written by `store_cached`, and wasmtime itself re-checks the
+    // header and engine settings before using it.
+    unsafe { Component::deserialize(engine, bytes) }.ok()
+}
+
+fn store_cached(component: &Component, path: &Path) -> std::io::Result<()> {
+    let mut bytes = component.serialize().map_err(std::io::Error::other)?;
+    let digest = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&digest);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `SLUICE_CACHE_DIR`, else `$XDG_CACHE_HOME/sluice`, else `~/.cache/sluice`;
+/// `SLUICE_CACHE_DIR=off` disables the cache.
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("SLUICE_CACHE_DIR") {
+        Some(dir) if dir == "off" => return None,
+        Some(dir) if !dir.is_empty() => return Some(PathBuf::from(dir)),
+        _ => {}
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(xdg).join("sluice"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|home| PathBuf::from(home).join(".cache").join("sluice"))
+}

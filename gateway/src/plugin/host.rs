@@ -1,0 +1,502 @@
+//! Per-instance store data and the host side of every WIT import: the
+//! request, response and upstream resources, shared state, clock, random,
+//! log, metrics and geo.
+//!
+//! The request a hook sees is not copied into the guest: the chain moves the
+//! request head into the instance's store for the call ([`Ctx::request`]) and
+//! takes it back after, and each getter copies only the field asked for.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::sluice::policy::{clock, geo, log, metrics, random, state, types};
+use super::scope::PluginScope;
+
+/// A request head lent to a hook call.
+#[derive(Debug)]
+pub(crate) struct RequestState {
+    /// Method, URI, headers and extensions, as they will be forwarded.
+    pub(crate) parts: http::request::Parts,
+    /// The TCP peer.
+    pub(crate) client_ip: IpAddr,
+    /// Whether the client connected over TLS.
+    pub(crate) https: bool,
+    /// The route that matched.
+    pub(crate) route: Arc<str>,
+    /// The upstream the request goes to, after steering so far.
+    pub(crate) upstream: Arc<str>,
+}
+
+impl RequestState {
+    /// An empty request, standing in for one a failed call could not give back.
+    pub(crate) fn placeholder() -> RequestState {
+        RequestState {
+            parts: http::Request::new(()).into_parts().0,
+            client_ip: IpAddr::from([0, 0, 0, 0]),
+            https: false,
+            route: Arc::from(""),
+            upstream: Arc::from(""),
+        }
+    }
+
+    /// A copy of the head without extensions, for hooks that run after the
+    /// original went upstream.
+    pub(crate) fn copy_head(&self) -> RequestState {
+        let mut parts = http::Request::new(()).into_parts().0;
+        parts.method = self.parts.method.clone();
+        parts.uri = self.parts.uri.clone();
+        parts.version = self.parts.version;
+        parts.headers = self.parts.headers.clone();
+        RequestState {
+            parts,
+            client_ip: self.client_ip,
+            https: self.https,
+            route: self.route.clone(),
+            upstream: self.upstream.clone(),
+        }
+    }
+}
+
+/// An upstream's endpoints as a balancer sees them.
+#[derive(Debug)]
+pub(crate) struct UpstreamMeta {
+    pub(crate) name: Arc<str>,
+    pub(crate) endpoints: Vec<EndpointMeta>,
+}
+
+/// One endpoint's address and labels.
+#[derive(Debug)]
+pub(crate) struct EndpointMeta {
+    pub(crate) address: String,
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+/// Type of the `request` resource: the data lives in [`Ctx::request`].
+pub struct RequestHandle;
+/// Type of the `response` resource: the data lives in [`Ctx::response`].
+pub struct ResponseHandle;
+/// Type of the `upstream` resource: the data lives in [`Ctx::upstream`].
+pub struct UpstreamHandle;
+
+/// What a store holds: WASI (with nothing granted), limits, the plugin's
+/// scope, and the values lent to the current call.
+pub(crate) struct Ctx {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    pub(crate) scope: Arc<PluginScope>,
+    /// When the current call must end.
+    pub(crate) deadline: Instant,
+    pub(crate) request: Option<RequestState>,
+    pub(crate) response: Option<http::response::Parts>,
+    pub(crate) upstream: Option<Arc<UpstreamMeta>>,
+}
+
+impl Ctx {
+    /// Store data for a new instance of the plugin in `scope`, with linear
+    /// memory capped at `memory_bytes`.
+    pub(crate) fn new(scope: Arc<PluginScope>, memory_bytes: usize) -> Ctx {
+        // No preopened directories, no environment, no arguments, no stdin;
+        // stdout/stderr discarded; no sockets of any kind.
+        let wasi = WasiCtx::builder()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = wasmtime::StoreLimitsBuilder::new()
+            .memory_size(memory_bytes)
+            .table_elements(100_000)
+            .instances(64)
+            .tables(64)
+            .memories(16)
+            .trap_on_grow_failure(true)
+            .build();
+        Ctx {
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            scope,
+            deadline: Instant::now(),
+            request: None,
+            response: None,
+            upstream: None,
+        }
+    }
+
+    /// The store's resource limiter.
+    pub(crate) fn limiter(&mut self) -> &mut dyn ResourceLimiter {
+        &mut self.limits
+    }
+
+    fn request(&mut self) -> wasmtime::Result<&mut RequestState> {
+        self.request
+            .as_mut()
+            .ok_or_else(|| wasmtime::format_err!("the request is not available in this hook"))
+    }
+
+    fn response(&mut self) -> wasmtime::Result<&mut http::response::Parts> {
+        self.response
+            .as_mut()
+            .ok_or_else(|| wasmtime::format_err!("the response is not available in this hook"))
+    }
+
+    fn upstream(&self) -> wasmtime::Result<&UpstreamMeta> {
+        self.upstream
+            .as_deref()
+            .ok_or_else(|| wasmtime::format_err!("the upstream is not available in this hook"))
+    }
+}
+
+impl WasiView for Ctx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Headers whose framing or connection meaning the gateway owns; a policy
+/// changing them could desynchronise a message from its body.
+fn managed_header(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    name == CONTENT_LENGTH
+        || name == TRANSFER_ENCODING
+        || name == CONNECTION
+        || name == UPGRADE
+        || name == TE
+        || name == TRAILER
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+fn header_pair(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("invalid header name {name:?}"))?;
+    if managed_header(&name) {
+        return Err(format!("header {name} is managed by the gateway"));
+    }
+    let value =
+        HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+    Ok((name, value))
+}
+
+fn set_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), String> {
+    let (name, value) = header_pair(name, value)?;
+    headers.insert(name, value);
+    Ok(())
+}
+
+fn append_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), String> {
+    let (name, value) = header_pair(name, value)?;
+    headers.append(name, value);
+    Ok(())
+}
+
+fn remove_header(headers: &mut HeaderMap, name: &str) {
+    if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+        && !managed_header(&name)
+    {
+        headers.remove(name);
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn header_names(headers: &HeaderMap) -> Vec<String> {
+    headers.keys().map(|k| k.as_str().to_string()).collect()
+}
+
+impl types::Host for Ctx {}
+
+impl types::HostRequest for Ctx {
+    fn method(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request()?.parts.method.as_str().to_string())
+    }
+
+    fn path(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request()?.parts.uri.path().to_string())
+    }
+
+    fn query(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<Option<String>> {
+        Ok(self.request()?.parts.uri.query().map(str::to_string))
+    }
+
+    fn host(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        let parts = &self.request()?.parts;
+        Ok(crate::route::request_host(&parts.uri, &parts.headers).into_owned())
+    }
+
+    fn scheme(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        let https = self.request()?.https;
+        Ok(if https { "https" } else { "http" }.to_string())
+    }
+
+    fn client_ip(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request()?.client_ip.to_string())
+    }
+
+    fn route(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request()?.route.to_string())
+    }
+
+    fn upstream(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request()?.upstream.to_string())
+    }
+
+    fn header(
+        &mut self,
+        _: Resource<RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        Ok(header(&self.request()?.parts.headers, &name))
+    }
+
+    fn header_all(
+        &mut self,
+        _: Resource<RequestHandle>,
+        name: String,
+    ) -> wasmtime::Result<Vec<String>> {
+        Ok(self
+            .request()?
+            .parts
+            .headers
+            .get_all(name.as_str())
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect())
+    }
+
+    fn header_names(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<Vec<String>> {
+        Ok(header_names(&self.request()?.parts.headers))
+    }
+
+    fn set_header(
+        &mut self,
+        _: Resource<RequestHandle>,
+        name: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), String>> {
+        Ok(set_header(
+            &mut self.request()?.parts.headers,
+            &name,
+            &value,
+        ))
+    }
+
+    fn append_header(
+        &mut self,
+        _: Resource<RequestHandle>,
+        name: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), String>> {
+        Ok(append_header(
+            &mut self.request()?.parts.headers,
+            &name,
+            &value,
+        ))
+    }
+
+    fn remove_header(&mut self, _: Resource<RequestHandle>, name: String) -> wasmtime::Result<()> {
+        remove_header(&mut self.request()?.parts.headers, &name);
+        Ok(())
+    }
+
+    fn drop(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<()> {
+        // The host only lends borrows; there is nothing owned to free.
+        Ok(())
+    }
+}
+
+impl types::HostResponse for Ctx {
+    fn status(&mut self, _: Resource<ResponseHandle>) -> wasmtime::Result<u16> {
+        Ok(self.response()?.status.as_u16())
+    }
+
+    fn header(
+        &mut self,
+        _: Resource<ResponseHandle>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        Ok(header(&self.response()?.headers, &name))
+    }
+
+    fn header_names(&mut self, _: Resource<ResponseHandle>) -> wasmtime::Result<Vec<String>> {
+        Ok(header_names(&self.response()?.headers))
+    }
+
+    fn set_header(
+        &mut self,
+        _: Resource<ResponseHandle>,
+        name: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), String>> {
+        Ok(set_header(&mut self.response()?.headers, &name, &value))
+    }
+
+    fn append_header(
+        &mut self,
+        _: Resource<ResponseHandle>,
+        name: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), String>> {
+        Ok(append_header(&mut self.response()?.headers, &name, &value))
+    }
+
+    fn remove_header(&mut self, _: Resource<ResponseHandle>, name: String) -> wasmtime::Result<()> {
+        remove_header(&mut self.response()?.headers, &name);
+        Ok(())
+    }
+
+    fn drop(&mut self, _: Resource<ResponseHandle>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+impl types::HostUpstream for Ctx {
+    fn name(&mut self, _: Resource<UpstreamHandle>) -> wasmtime::Result<String> {
+        Ok(self.upstream()?.name.to_string())
+    }
+
+    fn size(&mut self, _: Resource<UpstreamHandle>) -> wasmtime::Result<u32> {
+        Ok(u32::try_from(self.upstream()?.endpoints.len()).unwrap_or(u32::MAX))
+    }
+
+    fn address(
+        &mut self,
+        _: Resource<UpstreamHandle>,
+        id: u32,
+    ) -> wasmtime::Result<Option<String>> {
+        let upstream = self.upstream()?;
+        Ok(usize::try_from(id)
+            .ok()
+            .and_then(|i| upstream.endpoints.get(i))
+            .map(|e| e.address.clone()))
+    }
+
+    fn label(
+        &mut self,
+        _: Resource<UpstreamHandle>,
+        id: u32,
+        key: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let upstream = self.upstream()?;
+        Ok(usize::try_from(id)
+            .ok()
+            .and_then(|i| upstream.endpoints.get(i))
+            .and_then(|e| e.labels.get(&key).cloned()))
+    }
+
+    fn drop(&mut self, _: Resource<UpstreamHandle>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+impl state::Host for Ctx {
+    async fn counter_add(&mut self, key: String, delta: i64, ttl_ms: u64) -> wasmtime::Result<i64> {
+        Ok(self.scope.state.counter_add(&key, delta, ttl_ms))
+    }
+
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.scope.state.get(&key))
+    }
+
+    async fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<String>,
+        value: String,
+        ttl_ms: u64,
+    ) -> wasmtime::Result<Result<(), Option<String>>> {
+        Ok(self
+            .scope
+            .state
+            .compare_and_swap(&key, expected.as_deref(), &value, ttl_ms))
+    }
+
+    async fn remove(&mut self, key: String) -> wasmtime::Result<()> {
+        self.scope.state.remove(&key);
+        Ok(())
+    }
+}
+
+/// The origin of `clock.monotonic-ns`.
+static MONOTONIC_ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+impl clock::Host for Ctx {
+    fn monotonic_ns(&mut self) -> wasmtime::Result<u64> {
+        Ok(u64::try_from(MONOTONIC_ORIGIN.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn unix_ms(&mut self) -> wasmtime::Result<u64> {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+impl random::Host for Ctx {
+    fn next_u64(&mut self) -> wasmtime::Result<u64> {
+        Ok(fastrand::u64(..))
+    }
+}
+
+/// Longest log message kept; longer ones are cut, so a plugin cannot flood the log with one call.
+const MAX_LOG_MESSAGE: usize = 4096;
+
+impl log::Host for Ctx {
+    fn write(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let mut message = message;
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut end = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let plugin = &*self.scope.name;
+        match level {
+            log::Level::Trace => tracing::trace!(target: "sluice::plugin", plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "sluice::plugin", plugin, "{message}"),
+            log::Level::Info => tracing::info!(target: "sluice::plugin", plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "sluice::plugin", plugin, "{message}"),
+            log::Level::Error => tracing::error!(target: "sluice::plugin", plugin, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl metrics::Host for Ctx {
+    fn counter_add(&mut self, name: String, delta: u64) -> wasmtime::Result<()> {
+        self.scope.metrics.counter_add(&name, delta);
+        Ok(())
+    }
+
+    fn gauge_set(&mut self, name: String, value: i64) -> wasmtime::Result<()> {
+        self.scope.metrics.gauge_set(&name, value);
+        Ok(())
+    }
+}
+
+impl geo::Host for Ctx {
+    fn lookup(&mut self, _ip: String) -> wasmtime::Result<geo::Location> {
+        // No database ships yet: every address is unknown.
+        Ok(geo::Location {
+            country: None,
+            continent: None,
+        })
+    }
+}

@@ -1,0 +1,262 @@
+//! What a plugin keeps across instances and versions, by plugin name: its
+//! shared state, the metrics it reports, and the host's call statistics.
+//!
+//! A live swap or a reload of a plugin with the same name keeps all three, so
+//! a rate limit does not reset and counters do not jump back when a policy is
+//! replaced.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use super::state::StateStore;
+
+/// Every plugin's scope, by name. Touched when a plugin loads and by the
+/// sweeper, never on the request path.
+static SCOPES: LazyLock<DashMap<String, Arc<PluginScope>>> = LazyLock::new(DashMap::new);
+
+/// One plugin name's state, metrics and statistics.
+#[derive(Debug)]
+pub(crate) struct PluginScope {
+    pub(crate) name: Arc<str>,
+    pub(crate) state: StateStore,
+    pub(crate) metrics: GuestMetrics,
+    pub(crate) stats: CallStats,
+}
+
+/// The scope of the plugin called `name`, created on first use.
+pub(crate) fn scope_for(name: &str) -> Arc<PluginScope> {
+    if let Some(scope) = SCOPES.get(name) {
+        return scope.clone();
+    }
+    SCOPES
+        .entry(name.to_string())
+        .or_insert_with(|| {
+            Arc::new(PluginScope {
+                name: Arc::from(name),
+                state: StateStore::default(),
+                metrics: GuestMetrics::default(),
+                stats: CallStats::default(),
+            })
+        })
+        .clone()
+}
+
+/// Drops expired state entries of every plugin.
+pub(crate) fn sweep_expired() {
+    for scope in SCOPES.iter() {
+        scope.state.sweep_expired();
+    }
+}
+
+/// Counters and gauges a plugin reports through the `metrics` import.
+#[derive(Debug, Default)]
+pub(crate) struct GuestMetrics {
+    counters: DashMap<Box<str>, AtomicU64>,
+    gauges: DashMap<Box<str>, AtomicI64>,
+}
+
+/// Most distinct metric names one plugin may create; more are dropped, so a
+/// plugin cannot grow the gateway's memory through metric names.
+const MAX_METRIC_NAMES: usize = 256;
+
+impl GuestMetrics {
+    /// Adds to counter `name`.
+    pub(crate) fn counter_add(&self, name: &str, delta: u64) {
+        if let Some(counter) = self.counters.get(name) {
+            counter.fetch_add(delta, Ordering::Relaxed);
+            return;
+        }
+        if self.counters.len() >= MAX_METRIC_NAMES {
+            return;
+        }
+        self.counters
+            .entry(metric_name(name))
+            .or_default()
+            .fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Sets gauge `name`.
+    pub(crate) fn gauge_set(&self, name: &str, value: i64) {
+        if let Some(gauge) = self.gauges.get(name) {
+            gauge.store(value, Ordering::Relaxed);
+            return;
+        }
+        if self.gauges.len() >= MAX_METRIC_NAMES {
+            return;
+        }
+        self.gauges
+            .entry(metric_name(name))
+            .or_default()
+            .store(value, Ordering::Relaxed);
+    }
+
+    /// Every counter's value, by name.
+    pub(crate) fn counters(&self) -> BTreeMap<String, u64> {
+        self.counters
+            .iter()
+            .map(|e| (e.key().to_string(), e.value().load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Every gauge's value, by name.
+    pub(crate) fn gauges(&self) -> BTreeMap<String, i64> {
+        self.gauges
+            .iter()
+            .map(|e| (e.key().to_string(), e.value().load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// A metric name as exported: letters, digits and `_`, other characters become `_`.
+fn metric_name(name: &str) -> Box<str> {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// How a plugin's calls went, counted by the host.
+#[derive(Debug, Default)]
+pub(crate) struct CallStats {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    traps: AtomicU64,
+    timeouts: AtomicU64,
+    instances: AtomicU64,
+    /// Call latency: bucket `i` counts calls under 2^i microseconds (the last one the rest).
+    latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+const LATENCY_BUCKETS: usize = 20;
+
+/// Why a call failed, for the statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The guest returned something the host refused (bad status, unknown upstream, ...).
+    Invalid,
+    /// The guest trapped (panic, unreachable, out of memory, ...).
+    Trap,
+    /// The call ran past its deadline.
+    Deadline,
+}
+
+impl CallStats {
+    /// Records one call and how long it took.
+    pub(crate) fn record(&self, elapsed: Duration, failure: Option<Failure>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        match failure {
+            None => {}
+            Some(Failure::Invalid) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Failure::Trap) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.traps.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Failure::Deadline) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts a new instance.
+    pub(crate) fn instantiated(&self) {
+        self.instances.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A consistent-enough copy of the counters.
+    pub(crate) fn snapshot(&self) -> CallStatsSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let buckets: Vec<u64> = self.latency.iter().map(load).collect();
+        let total: u64 = buckets.iter().sum();
+        let rank = total - total / 100;
+        let mut seen = 0;
+        let mut p99_us = 0;
+        for (i, count) in buckets.iter().enumerate() {
+            seen += count;
+            if total > 0 && seen >= rank {
+                p99_us = 1u64 << i;
+                break;
+            }
+        }
+        CallStatsSnapshot {
+            calls: load(&self.calls),
+            errors: load(&self.errors),
+            traps: load(&self.traps),
+            timeouts: load(&self.timeouts),
+            instances: load(&self.instances),
+            p99_us,
+        }
+    }
+}
+
+/// Call statistics of one plugin at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CallStatsSnapshot {
+    /// Hook calls made.
+    pub calls: u64,
+    /// Calls that failed, for any reason.
+    pub errors: u64,
+    /// Calls that trapped (panic, unreachable, out of memory).
+    pub traps: u64,
+    /// Calls stopped at their deadline.
+    pub timeouts: u64,
+    /// Instances created (the first, replacements after traps, and growth under concurrency).
+    pub instances: u64,
+    /// Upper bound of the 99th percentile call latency, in microseconds (a power of two).
+    pub p99_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_per_plugin_name() {
+        let a = scope_for("scope-test-a");
+        let b = scope_for("scope-test-b");
+        a.state.counter_add("n", 1, 0);
+        assert_eq!(b.state.get("n"), None);
+        assert_eq!(
+            scope_for("scope-test-a").state.get("n").as_deref(),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn metric_names_are_sanitised_and_bounded() {
+        let metrics = GuestMetrics::default();
+        metrics.counter_add("blocked requests", 2);
+        metrics.counter_add("blocked requests", 1);
+        assert_eq!(metrics.counters().get("blocked_requests"), Some(&3));
+        for i in 0..(MAX_METRIC_NAMES + 10) {
+            metrics.counter_add(&format!("m{i}"), 1);
+        }
+        assert_eq!(metrics.counters().len(), MAX_METRIC_NAMES);
+    }
+
+    #[test]
+    fn stats_count_failures_and_estimate_p99() {
+        let stats = CallStats::default();
+        for _ in 0..99 {
+            stats.record(Duration::from_micros(3), None);
+        }
+        stats.record(Duration::from_millis(5), Some(Failure::Deadline));
+        let snap = stats.snapshot();
+        assert_eq!((snap.calls, snap.errors, snap.timeouts), (100, 1, 1));
+        assert_eq!(snap.p99_us, 4, "99 of 100 calls were under 4 µs");
+    }
+}
