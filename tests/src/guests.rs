@@ -107,7 +107,8 @@ pub fn js_component(source: &Path, world: &str) -> anyhow::Result<Option<PathBuf
     key.add_file(source)?;
     if let Some(dir) = source.parent() {
         key.add_dir(dir, Depth::Files, |path| {
-            path != source && matches!(path.extension().and_then(OsStr::to_str), Some("js" | "mjs"))
+            let script = matches!(path.extension().and_then(OsStr::to_str), Some("js" | "mjs"));
+            script && path != source
         })?;
     }
     let mut command = Command::new("node");
@@ -298,9 +299,10 @@ fn build(key: CacheKey, mut command: Command, source: &Path) -> anyhow::Result<P
         }
         thread::sleep(Duration::from_millis(50));
     };
-    let mut output = String::new();
+    let mut output = Vec::new();
     log.rewind().context("reading the build log")?;
-    let _ = log.read_to_string(&mut output);
+    let _ = log.read_to_end(&mut output);
+    let output = String::from_utf8_lossy(&output);
     match status {
         None => bail!(
             "building {} with {program} took longer than {BUILD_LIMIT:?}; killed it. Output:\n{output}",

@@ -145,6 +145,63 @@ fn check_names_file_key_and_problem_for_each_bad_manifest() {
             "listener[0].tls[0].cert: cannot read certificate",
         ),
         (
+            "plugin-init-refuses-config",
+            format!(
+                "{GOOD}\n[plugin.probe]\nsource = \"{}\"\nconfig = {{ fail = \"limit must be positive\" }}\n",
+                env!("SLUICE_TEST_PROBE_WASM")
+            ),
+            "plugin.probe.config: plugin \"probe\": init refused the config: limit must be positive",
+        ),
+        (
+            "builtin-plugin-bad-config",
+            format!(
+                "{GOOD}\n[plugin.hdr]\nsource = \"builtin:headers\"\nconfig = {{ request = {{ set = {{ \"bad name\" = \"1\" }} }} }}\n"
+            ),
+            "plugin.hdr.config: plugin \"hdr\": init refused the config: request.set.\"bad name\"",
+        ),
+        (
+            "plugin-not-a-component",
+            format!("{GOOD}\n[plugin.junk]\nsource = \"unknown-key.toml\"\n"),
+            "plugin.junk.source: plugin \"junk\": not a valid Wasm component",
+        ),
+        (
+            "plugin-missing-file",
+            format!("{GOOD}\n[plugin.gone]\nsource = \"gone.wasm\"\n"),
+            "plugin.gone.source: plugin \"gone\": cannot read",
+        ),
+        (
+            "unknown-builtin",
+            format!("{GOOD}\n[plugin.rl]\nsource = \"builtin:rate-limitt\"\n"),
+            "plugin.rl.source: plugin \"rl\": there is no builtin plugin \"rate-limitt\"",
+        ),
+        (
+            "undefined-policy",
+            GOOD.replace(
+                "upstream = \"api\"",
+                "upstream = \"api\"\npolicies = [\"limit\"]",
+            ),
+            "route[0].policies[0]: plugin \"limit\" is not defined",
+        ),
+        (
+            "balancer-is-not-a-policy",
+            GOOD.replace(
+                "upstream = \"api\"",
+                "upstream = \"api\"\npolicies = [\"rr\"]",
+            ) + "\n[plugin.rr]\nsource = \"builtin:round-robin\"\n",
+            "route[0].policies[0]: plugin \"rr\" is a balancer only",
+        ),
+        (
+            "policy-is-not-a-balancer",
+            GOOD.replace("[upstream.api]", "[upstream.api]\nbalancer = \"hdr\"")
+                + "\n[plugin.hdr]\nsource = \"builtin:headers\"\n",
+            "upstream.api.balancer: plugin \"hdr\" does not export `balance`",
+        ),
+        (
+            "bad-on-error",
+            format!("{GOOD}\n[plugin.hdr]\nsource = \"builtin:headers\"\non_error = \"ignore\"\n"),
+            "plugin.hdr.on_error: unknown variant `ignore`, expected `open` or `closed`",
+        ),
+        (
             "toml-syntax",
             GOOD.replace("name = \"web\"", "name = web"),
             "(line 3, column",

@@ -1,0 +1,134 @@
+//! Per-call costs of the policy runtime, in-process (no sockets): an empty
+//! policy, a header-reading policy, a 4-policy chain, a balancer pick with
+//! one shared-state host call, and instantiation with and without wasmtime's
+//! pooling allocator.
+//!
+//! `cargo bench -p sluice-tests --bench policy`
+
+// criterion's macros generate undocumented functions.
+#![allow(missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use sluice::bench::{self, Policy, PolicyChain};
+
+const BLOCK: &str = env!("SLUICE_EXAMPLE_BLOCK_WASM");
+
+/// A request with eight ordinary headers.
+fn request() -> bench::Request {
+    let mut req = http::Request::builder().uri("/api/items?page=2");
+    for (name, value) in [
+        ("host", "api.example.com"),
+        ("user-agent", "bench/1.0"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, br"),
+        ("accept-language", "en-GB,en;q=0.9"),
+        ("cookie", "session=abc123; theme=dark"),
+        ("x-request-id", "0123456789abcdef"),
+        ("x-forwarded-for", "203.0.113.7"),
+    ] {
+        req = req.header(name, value);
+    }
+    bench::request(req.body(()).expect("a valid request"))
+}
+
+fn load(name: &str, source: &str, config: &str, pooling: bool) -> Policy {
+    bench::load(name, source, config, pooling).expect("the plugin loads")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// Times `iters` sequential calls of `call` inside one task, so the figure is
+/// the call itself, not the executor.
+fn time_calls<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut call: F) -> Duration
+where
+    F: FnMut(bench::Request) -> Fut,
+    Fut: std::future::Future<Output = (bench::Request, bool)>,
+{
+    rt.block_on(async {
+        let mut req = request();
+        let started = Instant::now();
+        for _ in 0..iters {
+            let (back, ok) = call(req).await;
+            assert!(ok, "the policy let the request through");
+            req = back;
+        }
+        started.elapsed()
+    })
+}
+
+fn policies(c: &mut Criterion) {
+    let rt = runtime();
+    let empty = load("bench-empty", "builtin:headers", "{}", false);
+    let block = load("bench-block", BLOCK, "{}", false);
+    let mut group = c.benchmark_group("policy-call");
+    group.bench_function("empty", |b| {
+        b.iter_custom(|iters| time_calls(&rt, iters, |req| empty.on_request(req)))
+    });
+    group.bench_function("read-one-header", |b| {
+        b.iter_custom(|iters| time_calls(&rt, iters, |req| block.on_request(req)))
+    });
+    let chain: PolicyChain = bench::chain(&[
+        &load("bench-chain-1", BLOCK, "{}", false),
+        &load("bench-chain-2", "builtin:headers", "{}", false),
+        &load("bench-chain-3", BLOCK, r#"{"header": "x-deny"}"#, false),
+        &load(
+            "bench-chain-4",
+            "builtin:headers",
+            r#"{"request": {"set": {"x-env": "prod"}}}"#,
+            false,
+        ),
+    ]);
+    group.bench_function("chain-of-4", |b| {
+        b.iter_custom(|iters| time_calls(&rt, iters, |req| chain.on_request(req)))
+    });
+    group.finish();
+
+    let rr = load("bench-rr", "builtin:round-robin", "{}", false);
+    let mut group = c.benchmark_group("balancer-pick");
+    for endpoints in [3u16, 100] {
+        let upstream = bench::upstream(endpoints);
+        group.bench_function(format!("round-robin-{endpoints}-endpoints"), |b| {
+            b.iter_custom(|iters| {
+                time_calls(&rt, iters, |req| async {
+                    let (back, picked) = rr.pick(req, &upstream).await;
+                    (back, picked.is_some())
+                })
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("instantiate");
+    group.sample_size(30);
+    for (label, pooling) in [("on-demand", false), ("pooling", true)] {
+        let policy = load(&format!("bench-inst-{label}"), BLOCK, "{}", pooling);
+        group.bench_function(label, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        policy.instantiate().await.expect("instantiates");
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = policies
+}
+criterion_main!(benches);
