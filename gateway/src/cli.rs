@@ -250,7 +250,7 @@ fn print_demo_help(bound: &[(String, SocketAddr)], config: &Config) {
         println!();
         println!("Try:");
         println!(
-            "  curl -s http://{addr}/api/hello            # round-robin across the echo backends"
+            "  curl -si http://{addr}/api/hello           # round-robin across the echo backends; the `tag` policy adds x-demo / x-policy"
         );
         println!(
             "  curl -s -H 'x-canary: 1' http://{addr}/api/  # header match picks the canary route"

@@ -506,6 +506,10 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
         let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(echo["path"], "/api/hello");
         assert_eq!(echo["headers"]["via"], "1.1 sluice");
+        assert_eq!(
+            echo["headers"]["x-demo"], "via-sluice",
+            "the demo's Wasm policy tagged the request"
+        );
         backends.insert(echo["backend"].as_str().unwrap().to_string());
     }
     assert_eq!(
