@@ -36,12 +36,7 @@ pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Pol
     let runtime: &'static engine::Runtime = Box::leak(Box::new(
         engine::Runtime::new(true).map_err(|e| format!("{e:#}"))?,
     ));
-    let bytes = match &spec.source {
-        Source::Builtin(name) => crate::plugin::builtin::bytes(name)
-            .map_err(|e| e.to_string())?
-            .to_vec(),
-        Source::File(path) => std::fs::read(path).map_err(|e| e.to_string())?,
-    };
+    let bytes = spec.source.read().map_err(|e| e.to_string())?;
     Plugin::from_bytes(spec, &bytes, runtime)
         .map(Policy)
         .map_err(|e| e.to_string())

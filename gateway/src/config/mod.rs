@@ -603,9 +603,7 @@ impl Validator<'_> {
             None => {
                 let mut known: Vec<&str> = self.plugins.keys().map(String::as_str).collect();
                 known.extend(crate::plugin::builtin::names());
-                let hint = closest(name, &known)
-                    .map(|n| format!(" (did you mean \"{n}\"?)"))
-                    .unwrap_or_default();
+                let hint = did_you_mean(name, &known);
                 self.problem(
                     key,
                     format!(
@@ -642,9 +640,7 @@ impl Validator<'_> {
             check_name(self, &format!("{key}.name"), &file.name);
             let upstream = upstream_names.iter().position(|n| *n == file.upstream);
             if upstream.is_none() {
-                let hint = closest(&file.upstream, upstream_names)
-                    .map(|n| format!(" (did you mean \"{n}\"?)"))
-                    .unwrap_or_default();
+                let hint = did_you_mean(&file.upstream, upstream_names);
                 self.problem(
                     format!("{key}.upstream"),
                     format!(
@@ -676,9 +672,7 @@ impl Validator<'_> {
             let at = format!("{key}.policies[{j}]");
             let Some(plugin) = self.plugins.get(name).cloned() else {
                 let known: Vec<&str> = self.plugins.keys().map(String::as_str).collect();
-                let hint = closest(name, &known)
-                    .map(|n| format!(" (did you mean \"{n}\"?)"))
-                    .unwrap_or_default();
+                let hint = did_you_mean(name, &known);
                 self.problem(
                     at,
                     format!("plugin \"{name}\" is not defined (or failed to load){hint}"),
@@ -836,6 +830,13 @@ fn valid_hostname(host: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// ` (did you mean "NAME"?)` when a defined name is close to `wanted`, else empty.
+fn did_you_mean(wanted: &str, names: &[&str]) -> String {
+    closest(wanted, names)
+        .map(|n| format!(" (did you mean \"{n}\"?)"))
+        .unwrap_or_default()
 }
 
 /// The defined name closest to a misspelt one, when it is close enough to be a typo.

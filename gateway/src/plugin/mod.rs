@@ -65,6 +65,21 @@ pub(crate) enum Source {
     File(PathBuf),
 }
 
+impl Source {
+    /// The component's bytes.
+    pub(crate) fn read(&self) -> Result<std::borrow::Cow<'static, [u8]>, PluginError> {
+        match self {
+            Source::Builtin(name) => builtin::bytes(name).map(std::borrow::Cow::Borrowed),
+            Source::File(path) => std::fs::read(path)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| PluginError::Read {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -204,13 +219,7 @@ impl Plugin {
     /// seconds, so call it off the runtime threads.
     pub(crate) fn load(spec: PluginSpec) -> Result<Arc<Plugin>, PluginError> {
         let runtime = engine::runtime()?;
-        let bytes = match &spec.source {
-            Source::Builtin(name) => builtin::bytes(name)?.to_vec(),
-            Source::File(path) => std::fs::read(path).map_err(|e| PluginError::Read {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?,
-        };
+        let bytes = spec.source.read()?;
         Plugin::from_bytes(spec, &bytes, runtime)
     }
 
@@ -316,8 +325,7 @@ impl Plugin {
         let other = |e: wasmtime::Error| InstantiateError::Other(format!("{e:#}"));
         // Instantiation runs start functions and, for Python and JavaScript
         // guests, their runtimes' setup: give it its own, roomier budget.
-        store.data_mut().deadline = Instant::now() + self.spec.deadline.max(INSTANTIATE_BUDGET);
-        store.set_epoch_deadline(1);
+        arm(&mut store, self.spec.deadline.max(INSTANTIATE_BUDGET));
         let instance = self
             .pre
             .instantiate_async(&mut store)
@@ -353,9 +361,10 @@ impl Plugin {
         };
         if let Some(indices) = &e.configure {
             let configure = indices.load(&mut loaded.store, &instance).map_err(other)?;
-            loaded.store.data_mut().deadline =
-                Instant::now() + self.spec.deadline.max(INSTANTIATE_BUDGET);
-            loaded.store.set_epoch_deadline(1);
+            arm(
+                &mut loaded.store,
+                self.spec.deadline.max(INSTANTIATE_BUDGET),
+            );
             configure
                 .call_init(&mut loaded.store, &self.spec.config)
                 .await
@@ -407,10 +416,7 @@ impl Plugin {
 
     /// Starts the clock for one call.
     fn arm(&self, instance: &mut Instance) -> Instant {
-        let now = Instant::now();
-        instance.store.data_mut().deadline = now + self.spec.deadline;
-        instance.store.set_epoch_deadline(1);
-        now
+        arm(&mut instance.store, self.spec.deadline)
     }
 
     /// Records a finished call; classifies a failure. The caller discards
@@ -586,6 +592,15 @@ impl Plugin {
     pub(crate) fn refused(&self, message: String) -> HookError {
         self.refuse(message)
     }
+}
+
+/// Sets the store's deadline `budget` from now and checks it from the next
+/// epoch tick; returns now.
+fn arm(store: &mut Store<Ctx>, budget: Duration) -> Instant {
+    let now = Instant::now();
+    store.data_mut().deadline = now + budget;
+    store.set_epoch_deadline(1);
+    now
 }
 
 /// Instantiation budget, at least: a Python guest's first instance takes

@@ -21,7 +21,7 @@ use crate::plugin::host::RequestState;
 use crate::plugin::{ErrorKind, Outcome as PolicyOutcome};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::{Endpoint, Upstream};
+use crate::upstream::Endpoint;
 
 /// Everything a request needs to know about its connection.
 #[derive(Debug)]
@@ -301,7 +301,7 @@ async fn proxy(
             let report = policy_outcome(
                 &route.name,
                 &upstream.name,
-                Some((endpoint, upstream)),
+                Some(endpoint),
                 Err(error_kind),
                 latency,
             );
@@ -323,7 +323,7 @@ async fn proxy(
         let report = policy_outcome(
             &route.name,
             &upstream.name,
-            Some((endpoint, upstream)),
+            Some(endpoint),
             Ok(response.status()),
             latency,
         );
@@ -353,26 +353,15 @@ async fn proxy(
 fn policy_outcome(
     route: &str,
     upstream_name: &str,
-    endpoint: Option<(&Endpoint, &Upstream)>,
+    endpoint: Option<&Endpoint>,
     result: Result<StatusCode, ErrorKind>,
     latency: Duration,
 ) -> PolicyOutcome {
-    let (address, id) = match endpoint {
-        Some((endpoint, upstream)) => (
-            Some(endpoint.addr.to_string()),
-            upstream
-                .endpoints
-                .iter()
-                .position(|e| std::ptr::eq(e, endpoint))
-                .and_then(|i| u32::try_from(i).ok()),
-        ),
-        None => (None, None),
-    };
     PolicyOutcome {
         route: route.to_string(),
         upstream: upstream_name.to_string(),
-        endpoint: address,
-        endpoint_id: id,
+        endpoint: endpoint.map(|e| e.addr.to_string()),
+        endpoint_id: endpoint.map(|e| e.id),
         status: result.ok().map(|s| s.as_u16()),
         latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
         error: result.err(),

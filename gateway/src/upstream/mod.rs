@@ -29,6 +29,8 @@ const EWMA_SHIFT: u32 = 3;
 /// One endpoint, with its address pre-rendered for request URIs and its live load.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
+    /// Index in the upstream's `endpoints` list (the WIT's endpoint id).
+    pub(crate) id: u32,
     pub(crate) addr: SocketAddr,
     pub(crate) authority: Authority,
     weight: u32,
@@ -97,7 +99,9 @@ impl Upstream {
         let endpoints = config
             .endpoints
             .iter()
-            .map(|e| Endpoint {
+            .enumerate()
+            .map(|(i, e)| Endpoint {
+                id: u32::try_from(i).unwrap_or(u32::MAX),
                 addr: e.addr,
                 // A socket address always renders as a valid authority.
                 authority: Authority::try_from(e.addr.to_string().as_str())
@@ -157,10 +161,9 @@ impl Upstream {
     pub(crate) fn candidates(&self) -> Vec<Candidate> {
         self.endpoints
             .iter()
-            .enumerate()
-            .filter(|(_, e)| !e.backup)
-            .map(|(id, e)| Candidate {
-                id: u32::try_from(id).unwrap_or(u32::MAX),
+            .filter(|e| !e.backup)
+            .map(|e| Candidate {
+                id: e.id,
                 weight: e.weight,
                 in_flight: e.in_flight.load(Ordering::Relaxed),
                 latency_ewma_us: e.latency_ewma_us.load(Ordering::Relaxed),
