@@ -16,6 +16,7 @@ const WORLDS: &[(&str, &str)] = &[
     ("guard", "GUARD"),
     ("filter", "FILTER"),
     ("balancer", "BALANCER"),
+    ("tracking-balancer", "TRACKING_BALANCER"),
 ];
 
 fn main() {

@@ -5,9 +5,11 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::config::EndpointConfig;
 use crate::plugin::chain::{Chain, Verdict};
-use crate::plugin::host::{EndpointMeta, RequestState, UpstreamMeta};
-use crate::plugin::{Candidate, OnError, Plugin, PluginSpec, Source, engine};
+use crate::plugin::host::RequestState;
+use crate::plugin::{OnError, Plugin, PluginSpec, Source, engine};
+use crate::upstream::{EndpointSet, Passive};
 
 /// A loaded plugin.
 #[derive(Debug, Clone)]
@@ -50,6 +52,7 @@ pub fn request(req: http::Request<()>) -> Request {
         https: false,
         route: Arc::from("bench"),
         upstream: Arc::from("app"),
+        endpoint: None,
     })
 }
 
@@ -65,12 +68,10 @@ impl Policy {
         (Request(back), proceed)
     }
 
-    /// One `pick` over `endpoints` equal candidates; the position picked.
+    /// One `pick` over the upstream's candidates; the position picked.
     pub async fn pick(&self, req: Request, upstream: &Upstream) -> (Request, Option<usize>) {
-        let (back, result) = self
-            .0
-            .pick(req.0, upstream.meta.clone(), &upstream.candidates)
-            .await;
+        let candidates = upstream.0.candidates();
+        let (back, result) = self.0.pick(req.0, &upstream.0, &candidates).await;
         (Request(back), result.ok().flatten())
     }
 
@@ -82,33 +83,23 @@ impl Policy {
 
 /// An upstream of `n` endpoints, for balancer benchmarks.
 #[derive(Debug)]
-pub struct Upstream {
-    meta: Arc<UpstreamMeta>,
-    candidates: Vec<Candidate>,
-}
+pub struct Upstream(Arc<EndpointSet>);
 
-/// `n` endpoints on 127.0.0.1, weight 1, no load.
+/// `n` endpoints on 127.0.0.1 with weights 1, 2, 3, 1, 2, 3, ... and no load.
 pub fn upstream(n: u16) -> Upstream {
-    Upstream {
-        meta: Arc::new(UpstreamMeta {
-            name: Arc::from("app"),
-            endpoints: (0..n)
-                .map(|i| EndpointMeta {
-                    address: format!("127.0.0.1:{}", 10_000 + i),
-                    labels: Default::default(),
-                })
-                .collect(),
-        }),
-        candidates: (0..u32::from(n))
-            .map(|id| Candidate {
-                id,
-                weight: 1,
-                in_flight: 0,
-                latency_ewma_us: 0,
-                backup: false,
-            })
-            .collect(),
-    }
+    let endpoints: Vec<EndpointConfig> = (0..n)
+        .map(|i| EndpointConfig {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 10_000 + i)),
+            weight: u32::from(i % 3 + 1),
+            labels: Default::default(),
+            backup: false,
+        })
+        .collect();
+    Upstream(Arc::new(EndpointSet::new(
+        "app",
+        &endpoints,
+        Passive::from_config(None),
+    )))
 }
 
 /// Policies run as a route's chain.

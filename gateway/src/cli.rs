@@ -10,6 +10,7 @@ use std::sync::mpsc;
 
 use tokio::sync::watch;
 
+use crate::admin::{Admin, AdminHandle};
 use crate::{Config, Drained, Gateway, Reloader, bind_for_workers, telemetry};
 
 /// Exit status for a manifest that does not validate.
@@ -171,14 +172,37 @@ fn run(path: &Path, workers: Option<usize>, demo: bool) -> ExitCode {
     if demo {
         print_demo_help(&bound, &config);
     }
-    control.block_on(async {
+    let served = control.block_on(async {
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = match Admin::bind(&config).await {
+            None => None,
+            Some(Ok(admin)) => {
+                if let Some(addr) = admin.local_addr() {
+                    tracing::info!(%addr, "admin API listening");
+                }
+                let handle = admin.handle();
+                tokio::spawn(admin.serve(async move {
+                    let _ = admin_stopped.await;
+                }));
+                Some(handle)
+            }
+            Some(Err(error)) => return Err(error.to_string()),
+        };
         tokio::spawn(reload_on_sighup(
             path.to_path_buf(),
             config.clone(),
             reloaders,
+            admin,
         ));
         shutdown_signal().await;
+        let _ = admin_stop.send(());
+        Ok(())
     });
+    if let Err(error) = served {
+        eprintln!("{error}");
+        let _ = stop_tx.send(true);
+        return ExitCode::from(EXIT_START);
+    }
     let _ = stop_tx.send(true);
     let mut open = 0;
     for thread in threads {
@@ -264,7 +288,12 @@ fn print_demo_help(bound: &[(String, SocketAddr)], config: &Config) {
     }
 }
 
-async fn reload_on_sighup(path: PathBuf, mut current: Config, reloaders: Vec<Reloader>) {
+async fn reload_on_sighup(
+    path: PathBuf,
+    mut current: Config,
+    reloaders: Vec<Reloader>,
+    admin: Option<AdminHandle>,
+) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         tracing::warn!("cannot listen for SIGHUP; reload by restart only");
@@ -283,6 +312,9 @@ async fn reload_on_sighup(path: PathBuf, mut current: Config, reloaders: Vec<Rel
                 }
                 for reloader in &reloaders {
                     reloader.apply(&config);
+                }
+                if let Some(admin) = &admin {
+                    admin.publish(&config);
                 }
                 tracing::info!(manifest = %path.display(), "reloaded routes and upstreams");
                 current = config;

@@ -4,9 +4,10 @@
 //! The request path, in module order: [`config`] turns a manifest into
 //! immutable tables; [`proxy`] accepts connections (TLS by SNI, HTTP/1.1 and
 //! HTTP/2), matches a route, and forwards through an upstream's keep-alive
-//! pool; [`telemetry`] writes the access log. [`demo`] runs echo backends for
+//! pool; [`telemetry`] writes the access log; [`admin`] serves the admin API. [`demo`] runs echo backends for
 //! `sluice demo`, and [`cli`] is the `sluice` command line.
 
+pub mod admin;
 #[doc(hidden)]
 pub mod bench;
 pub mod cli;

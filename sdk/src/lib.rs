@@ -35,6 +35,7 @@
 //! | [`export_guard!`]            | `guard`          | `init`, `on_request`, `on_outcome`         |
 //! | [`export_filter!`]           | `filter`         | `init`, `on_request`, `on_response`, `on_outcome` |
 //! | [`export_balancer!`]         | `balancer`       | `init`, `pick`                             |
+//! | [`export_tracking_balancer!`] | `tracking-balancer` | `init`, `pick`, `on_response`, `on_outcome` |
 //!
 //! Use one export macro per crate. Instances are pooled and interchangeable:
 //! keep configuration in the policy value, and anything that must outlive one
@@ -67,7 +68,11 @@ pub mod bindings {
 use bindings::sluice::policy as wit;
 
 pub use wit::geo::Location;
-pub use wit::types::{Action, Candidate, ErrorKind, Outcome, Reply, Request, Response, Upstream};
+pub use wit::types::{
+    Action, Candidate, Candidates, ErrorKind, Outcome, Reply, Request, Response, Upstream,
+};
+
+pub mod balance;
 
 /// A policy: configured once per instance by [`init`](Policy::init), then
 /// called for each request through the hooks its world exports.
@@ -102,8 +107,9 @@ pub trait Policy: Sized + 'static {
     }
 
     /// Picks an endpoint for `upstream`: the position in `candidates` of the
-    /// one to use, or `None` to decline (the client gets 503).
-    fn pick(&self, req: &Request, upstream: &Upstream, candidates: &[Candidate]) -> Option<u32> {
+    /// one to use, or `None` to decline (the client gets 503). The
+    /// [`balance`] module has the usual algorithms.
+    fn pick(&self, req: &Request, upstream: &Upstream, candidates: &Candidates) -> Option<u32> {
         let _ = (req, upstream, candidates);
         None
     }
@@ -297,6 +303,23 @@ macro_rules! export_balancer {
     };
 }
 
+/// Exports `$ty` (a [`Policy`]) as a component of world
+/// `tracking-balancer`: `init`, `pick`, and `on_response` / `on_outcome` for
+/// the requests it picked for.
+#[macro_export]
+macro_rules! export_tracking_balancer {
+    ($ty:ty) => {
+        $crate::__export_policy!(
+            $ty,
+            TRACKING_BALANCER,
+            "component-type:sluice-sdk:tracking-balancer",
+            balance,
+            response_hook,
+            outcome_hook
+        );
+    };
+}
+
 /// The body of every export macro: the instance's policy value, the glue
 /// implementing the generated traits, the C ABI exports and the world's
 /// `component-type` section.
@@ -392,9 +415,9 @@ macro_rules! __export_hook {
             fn pick(
                 req: &$crate::Request,
                 upstream: &$crate::Upstream,
-                candidates: ::std::vec::Vec<$crate::Candidate>,
+                candidates: &$crate::Candidates,
             ) -> ::std::option::Option<u32> {
-                $with("pick", |policy| <$ty as $crate::Policy>::pick(policy, req, upstream, &candidates))
+                $with("pick", |policy| <$ty as $crate::Policy>::pick(policy, req, upstream, candidates))
             }
         }
         $crate::__export_sluice_policy_balance_0_1_0_cabi!(

@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 pub struct TestGateway {
     config: sluice::Config,
     addrs: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    admin_shutdown: Option<oneshot::Sender<()>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<sluice::Drained>>,
 }
@@ -29,6 +31,18 @@ impl TestGateway {
             .await
             .context("binding the gateway's listeners")?;
         let addrs = gateway.local_addrs();
+        let (admin, admin_shutdown) = match sluice::admin::Admin::bind(&config).await {
+            None => (None, None),
+            Some(bound) => {
+                let admin = bound.context("binding the admin listener")?;
+                let addr = admin.local_addr();
+                let (tx, rx) = oneshot::channel::<()>();
+                tokio::spawn(admin.serve(async move {
+                    let _ = rx.await;
+                }));
+                (addr, Some(tx))
+            }
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async move {
             let _ = rx.await;
@@ -36,6 +50,8 @@ impl TestGateway {
         Ok(TestGateway {
             config,
             addrs,
+            admin,
+            admin_shutdown,
             shutdown: Some(tx),
             task: Some(task),
         })
@@ -56,6 +72,15 @@ impl TestGateway {
                     self.addrs
                 )
             })
+    }
+
+    /// The admin API's bound address.
+    ///
+    /// # Panics
+    /// When the manifest has no `[admin]` table: a mistake in the test itself.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .expect("the manifest has no [admin] table (use listen = \"127.0.0.1:0\")")
     }
 
     /// What the gateway knows about plugin `name`: version, call statistics, metrics.
@@ -86,6 +111,9 @@ impl TestGateway {
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
+        if let Some(tx) = self.admin_shutdown.take() {
+            let _ = tx.send(());
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -15,7 +15,7 @@ use serde::de::{self, Deserializer, Visitor};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ManifestFile {
-    pub(crate) admin: Option<toml::Value>,
+    pub(crate) admin: Option<AdminFile>,
     pub(crate) server: Option<ServerFile>,
     #[serde(default)]
     pub(crate) listener: Vec<ListenerFile>,
@@ -101,12 +101,29 @@ pub(crate) struct UpstreamFile {
     pub(crate) endpoints: Vec<EndpointFile>,
     pub(crate) balancer: Option<String>,
     pub(crate) health: Option<toml::Value>,
-    pub(crate) passive: Option<toml::Value>,
+    pub(crate) passive: Option<PassiveFile>,
     pub(crate) retries: Option<toml::Value>,
     pub(crate) keepalive: Option<usize>,
     pub(crate) keepalive_timeout: Option<DurationText>,
     pub(crate) connect_timeout: Option<DurationText>,
     pub(crate) timeout: Option<DurationText>,
+}
+
+/// `passive = { max_fails = 3, fail_timeout = "10s" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PassiveFile {
+    pub(crate) max_fails: Option<u32>,
+    pub(crate) fail_timeout: Option<DurationText>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminFile {
+    pub(crate) listen: String,
+    /// The token, or `env:NAME` to read it from the environment.
+    pub(crate) token: Option<String>,
 }
 
 /// An endpoint: either `"host:port"` or a table with details.

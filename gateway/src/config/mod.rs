@@ -19,9 +19,10 @@ use http::{HeaderName, HeaderValue, Method};
 use crate::plugin::chain::Chain;
 use crate::plugin::{OnError, Plugin, PluginError, PluginSpec, Source};
 use crate::route::{HostMatch, PathMatch, Route, RouteMatch, RouteTable};
+use crate::upstream::{EndpointSet, Passive};
 use file::{
-    EndpointFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile, PluginFile, RouteFile,
-    UpstreamFile,
+    AdminFile, EndpointFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile, PluginFile,
+    RouteFile, UpstreamFile,
 };
 
 /// Default bound on draining in-flight requests at shutdown.
@@ -60,6 +61,8 @@ const ROUND_ROBIN_ALIASES: [&str; 2] = ["rr", "round-robin"];
 pub struct Config {
     pub(crate) source: PathBuf,
     pub(crate) drain_timeout: Duration,
+    /// The admin API listener, when `[admin]` is present.
+    pub(crate) admin: Option<AdminConfig>,
     pub(crate) listeners: Vec<ListenerConfig>,
     pub(crate) upstreams: Vec<UpstreamConfig>,
     pub(crate) routes: RouteTable,
@@ -103,6 +106,34 @@ pub(crate) struct UpstreamConfig {
     pub(crate) timeout: Duration,
     /// The plugin that picks endpoints; `None` for the core's weighted round-robin.
     pub(crate) balancer: Option<Arc<Plugin>>,
+    /// The endpoints' live state, shared by every worker serving this config.
+    pub(crate) endpoint_set: Arc<EndpointSet>,
+}
+
+/// `passive = { max_fails, fail_timeout }`: nginx's passive health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PassiveConfig {
+    /// Failures within `fail_timeout` that mark an endpoint down; 0 disables.
+    pub(crate) max_fails: u32,
+    /// The failure window, and how long a failed endpoint stays out.
+    pub(crate) fail_timeout: Duration,
+}
+
+/// `[admin]`: the admin API listener.
+#[derive(Clone)]
+pub(crate) struct AdminConfig {
+    pub(crate) addr: SocketAddr,
+    /// The bearer token every request must carry; `None` only on loopback.
+    pub(crate) token: Option<Arc<str>>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// One endpoint of an upstream.
@@ -279,12 +310,7 @@ impl Validator<'_> {
     }
 
     fn validate(mut self, manifest: ManifestFile, origin: &Path) -> Result<Config, ConfigError> {
-        if manifest.admin.is_some() {
-            self.problem(
-                "admin",
-                "the admin API is not implemented in this build yet; remove [admin]",
-            );
-        }
+        let admin = manifest.admin.as_ref().and_then(|a| self.admin(a));
         for (name, plugin) in &manifest.plugin {
             self.plugin(name, plugin);
         }
@@ -324,6 +350,7 @@ impl Validator<'_> {
             Ok(Config {
                 source: origin.to_path_buf(),
                 drain_timeout,
+                admin,
                 listeners,
                 upstreams,
                 routes,
@@ -473,9 +500,18 @@ impl Validator<'_> {
             .balancer
             .as_deref()
             .and_then(|name| self.balancer(&format!("{key}.balancer"), name));
+        let passive = file.passive.as_ref().map(|p| PassiveConfig {
+            max_fails: p.max_fails.unwrap_or(1),
+            fail_timeout: p.fail_timeout.map_or(Duration::from_secs(10), |d| d.0),
+        });
+        if passive.is_some_and(|p| p.fail_timeout.is_zero()) {
+            self.problem(
+                format!("{key}.passive.fail_timeout"),
+                "must be greater than zero",
+            );
+        }
         for (field, present) in [
             ("health", file.health.is_some()),
-            ("passive", file.passive.is_some()),
             ("retries", file.retries.is_some()),
         ] {
             if present {
@@ -493,8 +529,14 @@ impl Validator<'_> {
                 self.problem(format!("{key}.{field}"), "must be greater than zero");
             }
         }
+        let endpoint_set = Arc::new(EndpointSet::new(
+            name,
+            &endpoints,
+            Passive::from_config(passive.as_ref()),
+        ));
         UpstreamConfig {
             name: name.to_string(),
+            endpoint_set,
             endpoints,
             keepalive: file.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
             keepalive_timeout: file
@@ -506,6 +548,51 @@ impl Validator<'_> {
             timeout: file.timeout.map_or(DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
             balancer,
         }
+    }
+
+    /// Checks `[admin]`: a parseable address, and a token unless on loopback.
+    fn admin(&mut self, file: &AdminFile) -> Option<AdminConfig> {
+        let Ok(addr) = file.listen.parse::<SocketAddr>() else {
+            self.problem(
+                "admin.listen",
+                format!(
+                    "invalid address \"{}\": expected IP:port, like \"127.0.0.1:9901\"",
+                    file.listen
+                ),
+            );
+            return None;
+        };
+        let token = match file.token.as_deref() {
+            None => None,
+            Some(text) => {
+                let token = match text.strip_prefix("env:") {
+                    Some(var) => match std::env::var(var) {
+                        Ok(value) => value,
+                        Err(_) => {
+                            self.problem(
+                                "admin.token",
+                                format!("environment variable {var} is not set"),
+                            );
+                            return None;
+                        }
+                    },
+                    None => text.to_string(),
+                };
+                if token.len() < 16 {
+                    self.problem("admin.token", "must be at least 16 characters");
+                    return None;
+                }
+                Some(Arc::from(token))
+            }
+        };
+        if token.is_none() && !addr.ip().is_loopback() {
+            self.problem(
+                "admin.token",
+                format!("required when the admin API listens on {addr}, which is not loopback"),
+            );
+            return None;
+        }
+        Some(AdminConfig { addr, token })
     }
 
     /// Loads `[plugin.NAME]`, recording a problem at the key that caused a failure.
@@ -592,7 +679,9 @@ impl Validator<'_> {
                     name: builtin.to_string(),
                     source: Source::Builtin(builtin.to_string()),
                     config: "{}".to_string(),
-                    on_error: OnError::Closed,
+                    // A builtin balancer named directly fails open: should a
+                    // call ever fail, the core's own round-robin picks.
+                    on_error: OnError::Open,
                     deadline: DEFAULT_PLUGIN_DEADLINE,
                     memory_bytes: usize::try_from(DEFAULT_PLUGIN_MEMORY).unwrap_or(usize::MAX),
                     reuse_instances: true,
@@ -898,6 +987,36 @@ mod tests {
         let config = Config::parse(GOOD, Path::new("t.toml")).expect("valid");
         assert_eq!(config.upstreams[0].endpoints[1].weight, 2);
         assert_eq!(&*config.routes.routes()[0].name, "api");
+    }
+
+    #[test]
+    fn passive_health_and_admin_are_checked() {
+        let passive = GOOD.replace(
+            "weight = 2 }]",
+            "weight = 2 }]\n        passive = { max_fails = 3, fail_timeout = \"0s\" }",
+        );
+        let errs = errors(&passive);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("upstream.api.passive.fail_timeout"),
+            "{errs:?}"
+        );
+
+        let open = format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9901\"\n");
+        let errs = errors(&open);
+        assert!(
+            errs[0].starts_with("admin.token") && errs[0].contains("not loopback"),
+            "{errs:?}"
+        );
+        let short = format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"abc\"\n");
+        assert!(errors(&short)[0].contains("at least 16"));
+        let unset = format!(
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:SLUICE_TEST_TOKEN_THAT_IS_NOT_SET\"\n"
+        );
+        assert!(errors(&unset)[0].contains("SLUICE_TEST_TOKEN_THAT_IS_NOT_SET is not set"));
+        let local = format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+        let config = Config::parse(&local, Path::new("t.toml")).expect("loopback needs no token");
+        assert!(config.admin.is_some_and(|a| a.token.is_none()));
     }
 
     #[test]

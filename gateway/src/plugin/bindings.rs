@@ -15,5 +15,6 @@ wasmtime::component::bindgen!({
         "sluice:policy/types.request": super::host::RequestHandle,
         "sluice:policy/types.response": super::host::ResponseHandle,
         "sluice:policy/types.upstream": super::host::UpstreamHandle,
+        "sluice:policy/types.candidates": super::host::CandidatesHandle,
     },
 });

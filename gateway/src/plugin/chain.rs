@@ -7,10 +7,11 @@
 //!    it (which ends the chain; the upstream is never contacted).
 //! 2. The upstream's balancer, if it is a plugin, picks the endpoint
 //!    ([`super::Plugin::pick`], called by the proxy).
-//! 3. [`Chain::on_response`] — when the response head arrives, in reverse
-//!    order, each policy may rewrite the response's headers.
-//! 4. [`Chain::on_outcome`] — after the exchange, every policy that learns
-//!    sees the outcome.
+//! 3. [`Chain::on_response`] — when the response head arrives, the balancer
+//!    plugin and then each policy in reverse order may rewrite the
+//!    response's headers.
+//! 4. [`Chain::on_outcome`] — after the exchange, the balancer and every
+//!    policy that learns see the outcome.
 //!
 //! A failed call (trap, deadline, invalid answer) follows that plugin's
 //! `on_error`: `open` skips it, `closed` answers 503. Either way the failure
@@ -110,14 +111,20 @@ impl Chain {
         (req, Verdict::Forward)
     }
 
-    /// Runs each policy's `on-response`, last policy first. `Err` names a
-    /// `closed` policy that failed: the client gets 503 instead.
+    /// Runs the balancer's `on-response` (when it has one), then each
+    /// policy's, last policy first. `Err` names a `closed` policy that
+    /// failed: the client gets 503 instead.
     pub(crate) async fn on_response(
         &self,
+        balancer: Option<&Arc<Plugin>>,
         mut req: RequestState,
         mut resp: http::response::Parts,
     ) -> (http::response::Parts, Result<(), Arc<str>>) {
-        for plugin in self.policies.iter().rev().filter(|p| p.has_response_hook()) {
+        let hooks = balancer
+            .into_iter()
+            .chain(self.policies.iter().rev())
+            .filter(|p| p.has_response_hook());
+        for plugin in hooks {
             let (back_req, back_resp, result) = plugin.on_response(req, resp).await;
             req = back_req;
             resp = back_resp;
@@ -130,10 +137,15 @@ impl Chain {
         (resp, Ok(()))
     }
 
-    /// Tells each learning policy how the exchange went. Failures are logged
-    /// and counted; the response has already been decided.
-    pub(crate) async fn on_outcome(&self, outcome: &Outcome) {
-        for plugin in self.policies.iter().filter(|p| p.has_outcome_hook()) {
+    /// Tells the balancer (when it learns) and each learning policy how the
+    /// exchange went. Failures are logged and counted; the response has
+    /// already been decided.
+    pub(crate) async fn on_outcome(&self, balancer: Option<&Arc<Plugin>>, outcome: &Outcome) {
+        let hooks = balancer
+            .into_iter()
+            .chain(self.policies.iter())
+            .filter(|p| p.has_outcome_hook());
+        for plugin in hooks {
             if let Err(failure) = plugin.on_outcome(outcome).await {
                 tracing::warn!(
                     plugin = &*plugin.name,

@@ -6,8 +6,7 @@
 //! request head into the instance's store for the call ([`Ctx::request`]) and
 //! takes it back after, and each getter copies only the field asked for.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
@@ -18,6 +17,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::sluice::policy::{clock, geo, log, metrics, random, state, types};
 use super::scope::PluginScope;
+use crate::upstream::{CandidateSet, EndpointSet};
 
 /// A request head lent to a hook call.
 #[derive(Debug)]
@@ -32,6 +32,8 @@ pub(crate) struct RequestState {
     pub(crate) route: Arc<str>,
     /// The upstream the request goes to, after steering so far.
     pub(crate) upstream: Arc<str>,
+    /// The endpoint the balancer picked, once it has.
+    pub(crate) endpoint: Option<SocketAddr>,
 }
 
 impl RequestState {
@@ -43,6 +45,7 @@ impl RequestState {
             https: false,
             route: Arc::from(""),
             upstream: Arc::from(""),
+            endpoint: None,
         }
     }
 
@@ -60,22 +63,9 @@ impl RequestState {
             https: self.https,
             route: self.route.clone(),
             upstream: self.upstream.clone(),
+            endpoint: self.endpoint,
         }
     }
-}
-
-/// An upstream's endpoints as a balancer sees them.
-#[derive(Debug)]
-pub(crate) struct UpstreamMeta {
-    pub(crate) name: Arc<str>,
-    pub(crate) endpoints: Vec<EndpointMeta>,
-}
-
-/// One endpoint's address and labels.
-#[derive(Debug)]
-pub(crate) struct EndpointMeta {
-    pub(crate) address: String,
-    pub(crate) labels: BTreeMap<String, String>,
 }
 
 /// Type of the `request` resource: the data lives in [`Ctx::request`].
@@ -84,6 +74,8 @@ pub struct RequestHandle;
 pub struct ResponseHandle;
 /// Type of the `upstream` resource: the data lives in [`Ctx::upstream`].
 pub struct UpstreamHandle;
+/// Type of the `candidates` resource: the data lives in [`Ctx::candidates`].
+pub struct CandidatesHandle;
 
 /// What a store holds: WASI (with nothing granted), limits, the plugin's
 /// scope, and the values lent to the current call.
@@ -96,7 +88,8 @@ pub(crate) struct Ctx {
     pub(crate) deadline: Instant,
     pub(crate) request: Option<RequestState>,
     pub(crate) response: Option<http::response::Parts>,
-    pub(crate) upstream: Option<Arc<UpstreamMeta>>,
+    pub(crate) upstream: Option<Arc<EndpointSet>>,
+    pub(crate) candidates: Option<Arc<CandidateSet>>,
 }
 
 impl Ctx {
@@ -127,6 +120,7 @@ impl Ctx {
             request: None,
             response: None,
             upstream: None,
+            candidates: None,
         }
     }
 
@@ -147,10 +141,17 @@ impl Ctx {
             .ok_or_else(|| wasmtime::format_err!("the response is not available in this hook"))
     }
 
-    fn upstream(&self) -> wasmtime::Result<&UpstreamMeta> {
+    fn upstream(&self) -> wasmtime::Result<&EndpointSet> {
         self.upstream
             .as_deref()
             .ok_or_else(|| wasmtime::format_err!("the upstream is not available in this hook"))
+    }
+
+    fn candidates(&self) -> wasmtime::Result<(&EndpointSet, &CandidateSet)> {
+        let set = self.candidates.as_deref().ok_or_else(|| {
+            wasmtime::format_err!("the candidates are not available in this hook")
+        })?;
+        Ok((self.upstream()?, set))
     }
 }
 
@@ -254,6 +255,10 @@ impl types::HostRequest for Ctx {
 
     fn upstream(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
         Ok(self.request()?.upstream.to_string())
+    }
+
+    fn endpoint(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<Option<String>> {
+        Ok(self.request()?.endpoint.map(|a| a.to_string()))
     }
 
     fn header(
@@ -383,7 +388,7 @@ impl types::HostUpstream for Ctx {
         Ok(usize::try_from(id)
             .ok()
             .and_then(|i| upstream.endpoints.get(i))
-            .map(|e| e.address.clone()))
+            .map(|e| e.address.to_string()))
     }
 
     fn label(
@@ -399,7 +404,66 @@ impl types::HostUpstream for Ctx {
             .and_then(|e| e.labels.get(&key).cloned()))
     }
 
+    fn turn(&mut self, _: Resource<UpstreamHandle>) -> wasmtime::Result<u64> {
+        Ok(self.upstream()?.next_turn())
+    }
+
     fn drop(&mut self, _: Resource<UpstreamHandle>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+impl types::HostCandidates for Ctx {
+    fn len(&mut self, _: Resource<CandidatesHandle>) -> wasmtime::Result<u32> {
+        Ok(u32::try_from(self.candidates()?.1.len()).unwrap_or(u32::MAX))
+    }
+
+    fn fingerprint(&mut self, _: Resource<CandidatesHandle>) -> wasmtime::Result<u64> {
+        Ok(self.candidates()?.1.fingerprint)
+    }
+
+    fn get(
+        &mut self,
+        _: Resource<CandidatesHandle>,
+        position: u32,
+    ) -> wasmtime::Result<Option<types::Candidate>> {
+        let (endpoints, set) = self.candidates()?;
+        Ok(usize::try_from(position)
+            .ok()
+            .and_then(|p| endpoints.view(set, p))
+            .map(|c| types::Candidate {
+                id: c.id,
+                weight: c.weight,
+                in_flight: c.in_flight,
+                latency_ewma_us: c.latency_ewma_us,
+                backup: c.backup,
+            }))
+    }
+
+    fn position(
+        &mut self,
+        _: Resource<CandidatesHandle>,
+        id: u32,
+    ) -> wasmtime::Result<Option<u32>> {
+        Ok(self.candidates()?.1.position(id))
+    }
+
+    fn ids(&mut self, _: Resource<CandidatesHandle>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.candidates()?.1.ids.clone())
+    }
+
+    fn weights(&mut self, _: Resource<CandidatesHandle>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.candidates()?.1.weights.clone())
+    }
+
+    fn in_flight(&mut self, _: Resource<CandidatesHandle>) -> wasmtime::Result<Vec<u32>> {
+        let (endpoints, set) = self.candidates()?;
+        Ok((0..set.len())
+            .map(|p| endpoints.at(set, p).map_or(0, |e| e.in_flight()))
+            .collect())
+    }
+
+    fn drop(&mut self, _: Resource<CandidatesHandle>) -> wasmtime::Result<()> {
         Ok(())
     }
 }

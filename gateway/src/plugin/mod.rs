@@ -31,11 +31,12 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::component::{InstancePre, Resource};
 use wasmtime::{Store, UpdateDeadline};
 
+use crate::upstream::{CandidateSet, EndpointSet};
 use bindings::exports::sluice::policy::{
     balance, configure, outcome_hook, request_hook, response_hook,
 };
-pub(crate) use bindings::sluice::policy::types::{Action, Candidate, ErrorKind, Outcome, Reply};
-use host::{Ctx, RequestHandle, RequestState, ResponseHandle, UpstreamHandle, UpstreamMeta};
+pub(crate) use bindings::sluice::policy::types::{Action, ErrorKind, Outcome, Reply};
+use host::{CandidatesHandle, Ctx, RequestHandle, RequestState, ResponseHandle, UpstreamHandle};
 pub use scope::CallStatsSnapshot;
 use scope::{Failure, PluginScope};
 
@@ -409,6 +410,7 @@ impl Plugin {
             ctx.request = None;
             ctx.response = None;
             ctx.upstream = None;
+            ctx.candidates = None;
             // A full pool drops the surplus instance.
             let _ = self.pool.push(instance);
         }
@@ -530,12 +532,12 @@ impl Plugin {
         Ok(())
     }
 
-    /// Runs `pick` over `candidates`; the answer is a position in it.
+    /// Runs `pick` over `candidates` of `upstream`; the answer is a position in it.
     pub(crate) async fn pick(
         &self,
         req: RequestState,
-        upstream: Arc<UpstreamMeta>,
-        candidates: &[Candidate],
+        upstream: &Arc<EndpointSet>,
+        candidates: &Arc<CandidateSet>,
     ) -> (RequestState, Result<Option<usize>, HookError>) {
         let mut instance = match self.acquire().await {
             Ok(instance) => instance,
@@ -547,14 +549,15 @@ impl Plugin {
         };
         let ctx = instance.store.data_mut();
         ctx.request = Some(req);
-        ctx.upstream = Some(upstream);
+        ctx.upstream = Some(upstream.clone());
+        ctx.candidates = Some(candidates.clone());
         let started = self.arm(&mut instance);
         let called = hook
             .call_pick(
                 &mut instance.store,
                 Resource::<RequestHandle>::new_borrow(0),
                 Resource::<UpstreamHandle>::new_borrow(0),
-                candidates,
+                Resource::<CandidatesHandle>::new_borrow(0),
             )
             .await;
         let req = take_request(&mut instance);

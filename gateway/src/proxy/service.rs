@@ -161,6 +161,7 @@ async fn proxy(
         https: conn.https,
         route: route.name.clone(),
         upstream: upstream.name.clone(),
+        endpoint: None,
     };
 
     // Policies: admit, answer, rewrite, steer.
@@ -201,27 +202,31 @@ async fn proxy(
     outcome.upstream = Some(upstream.name.clone());
 
     // Balance: the core's rotation, or the upstream's balancer plugin.
-    let endpoint = match &upstream.balancer {
-        None => upstream.pick(),
+    let endpoints = &upstream.endpoints;
+    let balancer = upstream.balancer.as_ref();
+    let endpoint = match balancer {
+        None => endpoints.pick_weighted(),
         Some(balancer) => {
-            let candidates = upstream.candidates();
-            let (back, picked) = balancer
-                .pick(request, upstream.meta.clone(), &candidates)
-                .await;
-            request = back;
-            match picked {
-                Ok(position) => position
-                    .and_then(|p| candidates.get(p))
-                    .and_then(|c| upstream.endpoints.get(c.id as usize)),
-                Err(failure) => match apply_on_error(balancer, "pick", &failure) {
-                    None => upstream.pick(),
-                    Some(_) => return policy_failed(balancer.name.clone(), outcome),
-                },
+            let candidates = endpoints.candidates();
+            if candidates.len() == 0 {
+                None
+            } else {
+                let (back, picked) = balancer.pick(request, endpoints, &candidates).await;
+                request = back;
+                match picked {
+                    Ok(position) => position.and_then(|p| endpoints.at(&candidates, p)),
+                    Err(failure) => match apply_on_error(balancer, "pick", &failure) {
+                        None => endpoints.pick_weighted(),
+                        Some(_) => return policy_failed(balancer.name.clone(), outcome),
+                    },
+                }
             }
         }
     };
+    let learns = chain.has_outcome_hooks() || balancer.is_some_and(|b| b.has_outcome_hook());
+    let rewrites = chain.has_response_hooks() || balancer.is_some_and(|b| b.has_response_hook());
     let Some(endpoint) = endpoint else {
-        if chain.has_outcome_hooks() {
+        if learns {
             let report = policy_outcome(
                 &route.name,
                 &upstream.name,
@@ -229,7 +234,7 @@ async fn proxy(
                 Err(ErrorKind::NoEndpoint),
                 Duration::ZERO,
             );
-            chain.on_outcome(&report).await;
+            chain.on_outcome(balancer, &report).await;
         }
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -245,7 +250,8 @@ async fn proxy(
         .is_some()
         .then(|| request.parts.extensions.remove::<OnUpgrade>())
         .flatten();
-    let forwarded_head = chain.has_response_hooks().then(|| request.copy_head());
+    request.endpoint = Some(endpoint.addr);
+    let forwarded_head = rewrites.then(|| request.copy_head());
     let mut parts = request.parts;
     let hop = ClientHop {
         ip: conn.peer.ip(),
@@ -295,8 +301,11 @@ async fn proxy(
         Ok(Ok(_)) => None,
     };
     if let Some((status, kind, text, error_kind)) = failure {
+        if error_kind.is_some() {
+            endpoints.failed(endpoint);
+        }
         if let Some(error_kind) = error_kind
-            && chain.has_outcome_hooks()
+            && learns
         {
             let report = policy_outcome(
                 &route.name,
@@ -305,7 +314,7 @@ async fn proxy(
                 Err(error_kind),
                 latency,
             );
-            chain.on_outcome(&report).await;
+            chain.on_outcome(balancer, &report).await;
         }
         return local(status, text, kind, outcome);
     }
@@ -317,9 +326,10 @@ async fn proxy(
             outcome,
         );
     };
-    endpoint.observe_latency(latency);
+    endpoints.observe_latency(endpoint, latency);
+    endpoints.succeeded(endpoint);
     outcome.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
-    if chain.has_outcome_hooks() {
+    if learns {
         let report = policy_outcome(
             &route.name,
             &upstream.name,
@@ -327,7 +337,7 @@ async fn proxy(
             Ok(response.status()),
             latency,
         );
-        chain.on_outcome(&report).await;
+        chain.on_outcome(balancer, &report).await;
     }
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -340,7 +350,7 @@ async fn proxy(
     forward::response_headers(response.headers_mut());
     if let Some(head) = forwarded_head {
         let (parts, body) = response.into_parts();
-        let (parts, rewritten) = chain.on_response(head, parts).await;
+        let (parts, rewritten) = chain.on_response(balancer, head, parts).await;
         if let Err(plugin) = rewritten {
             return policy_failed(plugin, outcome);
         }
@@ -360,7 +370,7 @@ fn policy_outcome(
     PolicyOutcome {
         route: route.to_string(),
         upstream: upstream_name.to_string(),
-        endpoint: endpoint.map(|e| e.addr.to_string()),
+        endpoint: endpoint.map(|e| e.address.to_string()),
         endpoint_id: endpoint.map(|e| e.id),
         status: result.ok().map(|s| s.as_u16()),
         latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
