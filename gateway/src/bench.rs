@@ -85,6 +85,13 @@ impl Policy {
 #[derive(Debug)]
 pub struct Upstream(Arc<EndpointSet>);
 
+impl Upstream {
+    /// One pick by the core's native smooth weighted round-robin.
+    pub fn core_pick(&self) -> bool {
+        self.0.pick_weighted().is_some()
+    }
+}
+
 /// `n` endpoints on 127.0.0.1 with weights 1, 2, 3, 1, 2, 3, ... and no load.
 pub fn upstream(n: u16) -> Upstream {
     let endpoints: Vec<EndpointConfig> = (0..n)

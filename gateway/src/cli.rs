@@ -274,7 +274,7 @@ fn print_demo_help(bound: &[(String, SocketAddr)], config: &Config) {
         println!();
         println!("Try:");
         println!(
-            "  curl -si http://{addr}/api/hello           # round-robin across the echo backends; the `tag` policy adds x-demo / x-policy"
+            "  curl -si http://{addr}/api/hello           # weighted round-robin (Wasm) across the echo backends; the `tag` policy adds x-demo / x-policy"
         );
         println!(
             "  curl -s -H 'x-canary: 1' http://{addr}/api/  # header match picks the canary route"
@@ -283,6 +283,12 @@ fn print_demo_help(bound: &[(String, SocketAddr)], config: &Config) {
             "  curl -s --http2-prior-knowledge http://{addr}/api/h2   # HTTP/2 in, HTTP/1.1 upstream"
         );
         println!("  curl -si http://{addr}/nowhere                # no route: 404");
+        if let Some(admin) = &config.admin {
+            println!(
+                "  curl -s http://{}/upstreams        # admin API: endpoint health, load, requests per endpoint",
+                admin.addr
+            );
+        }
         println!();
         println!("Access log lines (JSON) follow. Ctrl-C drains and exits.");
     }

@@ -4,7 +4,7 @@
 //   node sdk/js/componentize.mjs <policy.js> <world> <out.wasm>
 //
 // <world> is a world of `sluice:policy` (wit/policy.wit): request-policy,
-// filter, rewrite-policy, guard or balancer. The WIT is read from ../../wit,
+// filter, rewrite-policy, guard, balancer or tracking-balancer. The WIT is read from ../../wit,
 // next to this script, so the component always matches the gateway's ABI.
 //
 // This calls componentize() from @bytecodealliance/componentize-js directly:
@@ -17,7 +17,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const WIT_DIR = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'wit');
-const WORLDS = ['request-policy', 'filter', 'rewrite-policy', 'guard', 'balancer'];
+const WORLDS = ['request-policy', 'filter', 'rewrite-policy', 'guard', 'balancer', 'tracking-balancer'];
 const USAGE = `usage: node componentize.mjs <policy.js> <world> <out.wasm>
   <world>: one of ${WORLDS.join(', ')} (from ${WIT_DIR})`;
 

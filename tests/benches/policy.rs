@@ -1,7 +1,8 @@
 //! Per-call costs of the policy runtime, in-process (no sockets): an empty
-//! policy, a header-reading policy, a 4-policy chain, a balancer pick with
-//! one shared-state host call, and instantiation with and without wasmtime's
-//! pooling allocator.
+//! policy, a header-reading policy, a 4-policy chain, a pick by each
+//! first-party balancer (and the core's native round-robin) over 3 and 100
+//! endpoints, and instantiation with and without wasmtime's pooling
+//! allocator.
 //!
 //! `cargo bench -p sluice-tests --bench policy`
 
@@ -14,6 +15,18 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::bench::{self, Policy, PolicyChain};
 
 const BLOCK: &str = env!("SLUICE_EXAMPLE_BLOCK_WASM");
+
+/// The first-party balancers, each picked over 3 and 100 endpoints.
+const BALANCERS: [&str; 8] = [
+    "round-robin",
+    "weighted",
+    "least-request",
+    "p2c-ewma",
+    "random",
+    "ip-hash",
+    "consistent-hash",
+    "sticky-cookie",
+];
 
 /// A request with eight ordinary headers.
 fn request() -> bench::Request {
@@ -90,18 +103,31 @@ fn policies(c: &mut Criterion) {
     });
     group.finish();
 
-    let rr = load("bench-rr", "builtin:round-robin", "{}", false);
     let mut group = c.benchmark_group("balancer-pick");
     for endpoints in [3u16, 100] {
         let upstream = bench::upstream(endpoints);
-        group.bench_function(format!("round-robin-{endpoints}-endpoints"), |b| {
-            b.iter_custom(|iters| {
-                time_calls(&rt, iters, |req| async {
-                    let (back, picked) = rr.pick(req, &upstream).await;
-                    (back, picked.is_some())
-                })
-            })
+        group.bench_function(format!("core-weighted/{endpoints}"), |b| {
+            b.iter(|| upstream.core_pick())
         });
+    }
+    for name in BALANCERS {
+        let balancer = load(
+            &format!("bench-{name}"),
+            &format!("builtin:{name}"),
+            "{}",
+            false,
+        );
+        for endpoints in [3u16, 100] {
+            let upstream = bench::upstream(endpoints);
+            group.bench_function(format!("{name}/{endpoints}"), |b| {
+                b.iter_custom(|iters| {
+                    time_calls(&rt, iters, |req| async {
+                        let (back, picked) = balancer.pick(req, &upstream).await;
+                        (back, picked.is_some())
+                    })
+                })
+            });
+        }
     }
     group.finish();
 

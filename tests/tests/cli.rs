@@ -497,6 +497,8 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
         .replace("127.0.0.1:9101", &format!("127.0.0.1:{}", free_port()))
         .replace("127.0.0.1:9102", &format!("127.0.0.1:{}", free_port()))
         .replace("127.0.0.1:9103", &format!("127.0.0.1:{}", free_port()));
+    let admin_port = free_port();
+    let text = text.replace("127.0.0.1:9901", &format!("127.0.0.1:{admin_port}"));
     let path = write_manifest(dir.path(), "demo.toml", &text);
     let gateway = Running::start_with(&["demo", "-c"], &path);
     let mut backends = std::collections::BTreeSet::new();
@@ -515,6 +517,21 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
     assert_eq!(
         backends.len(),
         2,
-        "round-robin over both api echo backends: {backends:?}"
+        "weighted round-robin over both api echo backends: {backends:?}"
     );
+
+    // The admin API counted the three requests: weights 1 and 2.
+    let (status, body) = get(SocketAddr::from(([127, 0, 0, 1], admin_port)), "/upstreams");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let upstreams: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let api = upstreams
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "api")
+        .expect("upstream api");
+    assert_eq!(api["balancer"], "weighted");
+    assert_eq!(api["endpoints"][0]["selected"], 1, "{api}");
+    assert_eq!(api["endpoints"][1]["selected"], 2, "{api}");
+    assert_eq!(api["endpoints"][1]["health"], "up", "{api}");
 }
