@@ -299,7 +299,9 @@ async fn consistent_hash_moves_few_keys_when_an_endpoint_goes() -> anyhow::Resul
             "{}\nbalancer = \"hash\"\npassive = {{ max_fails = 1, fail_timeout = \"60s\" }}",
             endpoint_tables(&refs, &[])
         ),
-        "[plugin.hash]\nsource = \"builtin:consistent-hash\"\nconfig = { key = \"header:x-user\" }\n",
+        // A roomy deadline: these tests are about placement, not about a
+        // call outliving 10 ms on a CI machine busy with other tests.
+        "[plugin.hash]\nsource = \"builtin:consistent-hash\"\nconfig = { key = \"header:x-user\" }\ndeadline = \"1s\"\n",
     )
     .await?;
     let addr = gw.addr("web");
@@ -380,7 +382,7 @@ async fn sticky_cookie_pins_a_client_and_repins_when_its_endpoint_dies() -> anyh
             "{}\nbalancer = \"sticky\"\npassive = {{ max_fails = 1, fail_timeout = \"60s\" }}",
             endpoint_tables(&refs, &[])
         ),
-        "[plugin.sticky]\nsource = \"builtin:sticky-cookie\"\nconfig = { cookie = \"_fly_affinity\", ttl = \"1h\", secure = true }\n",
+        "[plugin.sticky]\nsource = \"builtin:sticky-cookie\"\nconfig = { cookie = \"_fly_affinity\", ttl = \"1h\", secure = true }\ndeadline = \"1s\"\n",
     )
     .await?;
     let addr = gw.addr("web");
