@@ -1,6 +1,6 @@
 //! Per-instance store data and the host side of every WIT import: the
-//! request, response and upstream resources, shared state, clock, random,
-//! log, metrics and geo.
+//! request, response, upstream and candidates resources, shared state, clock,
+//! random, log, metrics and geo.
 //!
 //! The request a hook sees is not copied into the guest: the chain moves the
 //! request head into the instance's store for the call ([`Ctx::request`]) and
