@@ -105,7 +105,7 @@ pub fn upstream(n: u16) -> Upstream {
     Upstream(Arc::new(EndpointSet::new(
         "app",
         &endpoints,
-        Passive::from_config(None),
+        Passive::default(),
     )))
 }
 

@@ -320,6 +320,43 @@ macro_rules! export_tracking_balancer {
     };
 }
 
+/// Defines and exports a balancer that runs one [`balance::Algorithm`] and
+/// takes no configuration: `pub struct $name`, its [`Policy`] (`init`
+/// accepts only `{}`, naming any key it is given; `pick` runs the
+/// algorithm), and the `balancer` world's exports. The first-party
+/// `round-robin`, `weighted`, `least-request`, `p2c-ewma` and `random`
+/// plugins are each this one line.
+///
+/// ```no_run
+/// sluice_sdk::export_algorithm!(Weighted, sluice_sdk::balance::Algorithm::Weighted);
+/// ```
+#[macro_export]
+macro_rules! export_algorithm {
+    ($name:ident, $algorithm:expr) => {
+        #[doc = concat!("The `", stringify!($name), "` balancer: one algorithm, no configuration.")]
+        pub struct $name($crate::balance::Balancer);
+
+        impl $crate::Policy for $name {
+            fn init(config: &str) -> ::std::result::Result<Self, ::std::string::String> {
+                let algorithm: $crate::balance::Algorithm = $algorithm;
+                $crate::balance::no_config(config, algorithm.name())?;
+                Ok($name($crate::balance::Balancer::new(algorithm)))
+            }
+
+            fn pick(
+                &self,
+                _req: &$crate::Request,
+                upstream: &$crate::Upstream,
+                candidates: &$crate::Candidates,
+            ) -> ::std::option::Option<u32> {
+                self.0.pick(upstream, candidates)
+            }
+        }
+
+        $crate::export_balancer!($name);
+    };
+}
+
 /// The body of every export macro: the instance's policy value, the glue
 /// implementing the generated traits, the C ABI exports and the world's
 /// `component-type` section.

@@ -110,15 +110,6 @@ pub(crate) struct UpstreamConfig {
     pub(crate) endpoint_set: Arc<EndpointSet>,
 }
 
-/// `passive = { max_fails, fail_timeout }`: nginx's passive health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PassiveConfig {
-    /// Failures within `fail_timeout` that mark an endpoint down; 0 disables.
-    pub(crate) max_fails: u32,
-    /// The failure window, and how long a failed endpoint stays out.
-    pub(crate) fail_timeout: Duration,
-}
-
 /// `[admin]`: the admin API listener.
 #[derive(Clone)]
 pub(crate) struct AdminConfig {
@@ -500,11 +491,12 @@ impl Validator<'_> {
             .balancer
             .as_deref()
             .and_then(|name| self.balancer(&format!("{key}.balancer"), name));
-        let passive = file.passive.as_ref().map(|p| PassiveConfig {
-            max_fails: p.max_fails.unwrap_or(1),
-            fail_timeout: p.fail_timeout.map_or(Duration::from_secs(10), |d| d.0),
+        let defaults = Passive::default();
+        let passive = file.passive.as_ref().map_or(defaults, |p| Passive {
+            max_fails: p.max_fails.unwrap_or(defaults.max_fails),
+            fail_timeout: p.fail_timeout.map_or(defaults.fail_timeout, |d| d.0),
         });
-        if passive.is_some_and(|p| p.fail_timeout.is_zero()) {
+        if passive.fail_timeout.is_zero() {
             self.problem(
                 format!("{key}.passive.fail_timeout"),
                 "must be greater than zero",
@@ -529,11 +521,7 @@ impl Validator<'_> {
                 self.problem(format!("{key}.{field}"), "must be greater than zero");
             }
         }
-        let endpoint_set = Arc::new(EndpointSet::new(
-            name,
-            &endpoints,
-            Passive::from_config(passive.as_ref()),
-        ));
+        let endpoint_set = Arc::new(EndpointSet::new(name, &endpoints, passive));
         UpstreamConfig {
             name: name.to_string(),
             endpoint_set,

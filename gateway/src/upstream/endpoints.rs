@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 
-use crate::config::{EndpointConfig, PassiveConfig};
+use crate::config::EndpointConfig;
 
 /// Upper bound on one rotation cycle; weights are scaled down past it.
 const MAX_ROTATION: u64 = 10_000;
@@ -164,7 +164,8 @@ impl CandidateSet {
     }
 }
 
-/// Passive health settings (nginx's `max_fails` and `fail_timeout`).
+/// Passive health settings, `passive = { max_fails, fail_timeout }`
+/// (nginx's `max_fails` and `fail_timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Passive {
     /// Failures within `fail_timeout` that mark an endpoint down; 0 disables.
@@ -385,19 +386,13 @@ impl EndpointSet {
     }
 }
 
-impl Passive {
-    /// Settings from the manifest, or nginx's defaults (1 failure, 10 s).
-    pub(crate) fn from_config(config: Option<&PassiveConfig>) -> Passive {
-        config.map_or(
-            Passive {
-                max_fails: 1,
-                fail_timeout: Duration::from_secs(10),
-            },
-            |c| Passive {
-                max_fails: c.max_fails,
-                fail_timeout: c.fail_timeout,
-            },
-        )
+impl Default for Passive {
+    /// nginx's defaults: one failure takes an endpoint out for 10 s.
+    fn default() -> Passive {
+        Passive {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+        }
     }
 }
 

@@ -6,46 +6,31 @@
 //! so idle endpoints share the load
 //! ([`least_request`](sluice_sdk::balance::least_request)).
 
-use sluice_sdk::balance::{Algorithm, Balancer};
-use sluice_sdk::{Candidates, Policy, Request, Upstream};
+use sluice_sdk::balance::Algorithm;
 
-/// The least-request balancer (it has no configuration).
-pub struct LeastRequest(Balancer);
-
-impl Policy for LeastRequest {
-    fn init(config: &str) -> Result<Self, String> {
-        check_config(config)?;
-        Ok(LeastRequest(Balancer::new(Algorithm::LeastRequest)))
-    }
-
-    fn pick(&self, _req: &Request, upstream: &Upstream, candidates: &Candidates) -> Option<u32> {
-        self.0.pick(upstream, candidates)
-    }
-}
-
-/// Accepts only an empty JSON object: the balancer has no settings.
-fn check_config(config: &str) -> Result<(), String> {
-    sluice_sdk::balance::no_config(config, "least-request")
-}
-
-sluice_sdk::export_balancer!(LeastRequest);
+sluice_sdk::export_algorithm!(LeastRequest, Algorithm::LeastRequest);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_sdk::Policy as _;
 
     #[test]
-    fn config_is_empty_object() {
-        assert!(check_config("{}").is_ok());
-        assert!(check_config(" { } ").is_ok());
-        let err = check_config(r#"{"mode": "fast"}"#).unwrap_err();
-        assert!(err.contains("\"mode\""), "{err}");
-        assert!(check_config("[]").is_err());
-        assert!(check_config("nope").is_err());
+    fn init_takes_only_an_empty_object() {
+        assert!(LeastRequest::init(" { } ").is_ok());
+        let Err(err) = LeastRequest::init(r#"{"mode": "fast"}"#) else {
+            panic!("a key was accepted");
+        };
+        assert!(
+            err.contains("\"mode\"") && err.contains("least-request"),
+            "{err}"
+        );
+        assert!(LeastRequest::init("[]").is_err());
+        assert!(LeastRequest::init("nope").is_err());
     }
 
     #[test]
-    fn init_runs_leastrequest() {
+    fn init_runs_least_request() {
         let Ok(policy) = LeastRequest::init("{}") else {
             panic!("init failed");
         };

@@ -7,46 +7,31 @@
 //! pick, whatever the number of candidates
 //! ([`p2c_ewma`](sluice_sdk::balance::p2c_ewma)).
 
-use sluice_sdk::balance::{Algorithm, Balancer};
-use sluice_sdk::{Candidates, Policy, Request, Upstream};
+use sluice_sdk::balance::Algorithm;
 
-/// The p2c-ewma balancer (it has no configuration).
-pub struct P2cEwma(Balancer);
-
-impl Policy for P2cEwma {
-    fn init(config: &str) -> Result<Self, String> {
-        check_config(config)?;
-        Ok(P2cEwma(Balancer::new(Algorithm::P2cEwma)))
-    }
-
-    fn pick(&self, _req: &Request, upstream: &Upstream, candidates: &Candidates) -> Option<u32> {
-        self.0.pick(upstream, candidates)
-    }
-}
-
-/// Accepts only an empty JSON object: the balancer has no settings.
-fn check_config(config: &str) -> Result<(), String> {
-    sluice_sdk::balance::no_config(config, "p2c-ewma")
-}
-
-sluice_sdk::export_balancer!(P2cEwma);
+sluice_sdk::export_algorithm!(P2cEwma, Algorithm::P2cEwma);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_sdk::Policy as _;
 
     #[test]
-    fn config_is_empty_object() {
-        assert!(check_config("{}").is_ok());
-        assert!(check_config(" { } ").is_ok());
-        let err = check_config(r#"{"mode": "fast"}"#).unwrap_err();
-        assert!(err.contains("\"mode\""), "{err}");
-        assert!(check_config("[]").is_err());
-        assert!(check_config("nope").is_err());
+    fn init_takes_only_an_empty_object() {
+        assert!(P2cEwma::init(" { } ").is_ok());
+        let Err(err) = P2cEwma::init(r#"{"mode": "fast"}"#) else {
+            panic!("a key was accepted");
+        };
+        assert!(
+            err.contains("\"mode\"") && err.contains("p2c-ewma"),
+            "{err}"
+        );
+        assert!(P2cEwma::init("[]").is_err());
+        assert!(P2cEwma::init("nope").is_err());
     }
 
     #[test]
-    fn init_runs_p2cewma() {
+    fn init_runs_p2c_ewma() {
         let Ok(policy) = P2cEwma::init("{}") else {
             panic!("init failed");
         };

@@ -1,45 +1,30 @@
 //! `builtin:round-robin`: a balancer that takes the candidates in turn.
 //!
 //! The turn is the host's rotation counter for the upstream
-//! ([`Upstream::turn`]), so every instance and every gateway worker shares
+//! ([`Upstream::turn`](sluice_sdk::Upstream::turn)), so every instance and every gateway worker shares
 //! one rotation.
 
-use sluice_sdk::balance::{Algorithm, Balancer};
-use sluice_sdk::{Candidates, Policy, Request, Upstream};
+use sluice_sdk::balance::Algorithm;
 
-/// The round-robin balancer (it has no configuration).
-pub struct RoundRobin(Balancer);
-
-impl Policy for RoundRobin {
-    fn init(config: &str) -> Result<Self, String> {
-        check_config(config)?;
-        Ok(RoundRobin(Balancer::new(Algorithm::RoundRobin)))
-    }
-
-    fn pick(&self, _req: &Request, upstream: &Upstream, candidates: &Candidates) -> Option<u32> {
-        self.0.pick(upstream, candidates)
-    }
-}
-
-/// Accepts only an empty JSON object: the balancer has no settings.
-fn check_config(config: &str) -> Result<(), String> {
-    sluice_sdk::balance::no_config(config, "round-robin")
-}
-
-sluice_sdk::export_balancer!(RoundRobin);
+sluice_sdk::export_algorithm!(RoundRobin, Algorithm::RoundRobin);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_sdk::Policy as _;
 
     #[test]
-    fn config_is_empty_object() {
-        assert!(check_config("{}").is_ok());
-        assert!(check_config(" { } ").is_ok());
-        let err = check_config(r#"{"weights": true}"#).unwrap_err();
-        assert!(err.contains("\"weights\""), "{err}");
-        assert!(check_config("[]").is_err());
-        assert!(check_config("nope").is_err());
+    fn init_takes_only_an_empty_object() {
+        assert!(RoundRobin::init(" { } ").is_ok());
+        let Err(err) = RoundRobin::init(r#"{"mode": "fast"}"#) else {
+            panic!("a key was accepted");
+        };
+        assert!(
+            err.contains("\"mode\"") && err.contains("round-robin"),
+            "{err}"
+        );
+        assert!(RoundRobin::init("[]").is_err());
+        assert!(RoundRobin::init("nope").is_err());
     }
 
     #[test]
