@@ -51,7 +51,11 @@ pub fn request(req: http::Request<()>) -> Request {
         client_ip: IpAddr::from([127, 0, 0, 1]),
         https: false,
         route: Arc::from("bench"),
-        upstream: Arc::from("app"),
+        upstream: Arc::new(crate::upstream::EndpointSet::new(
+            "app",
+            &[],
+            crate::upstream::Passive::default(),
+        )),
         endpoint: None,
     })
 }

@@ -221,6 +221,13 @@ pub mod metrics {
     pub use crate::wit::metrics::{counter_add, gauge_set};
 }
 
+/// The endpoints of the upstream a hook is about: eject one (outlier
+/// detection), readmit it, and report a circuit breaker's state for
+/// `GET /upstreams`.
+pub mod health {
+    pub use crate::wit::health::{Circuit, eject, readmit, report};
+}
+
 /// Country and continent of an IP address, from the gateway's geo database.
 pub mod geo {
     pub use crate::wit::geo::{Location, lookup};

@@ -46,6 +46,10 @@ pub enum Mode {
     /// Accepts a WebSocket upgrade (101 with `Sec-WebSocket-Accept`) and
     /// echoes every text and binary message.
     WebSocketEcho,
+    /// Reads the whole body, then answers with this status and a short text body.
+    Status(u16),
+    /// Waits this long, then answers with the status.
+    DelayedStatus(Duration, u16),
 }
 
 /// A request as an origin saw it.
@@ -84,7 +88,7 @@ impl Tasks {
 #[derive(Debug)]
 struct Shared {
     name: String,
-    mode: Mode,
+    mode: Mutex<Mode>,
     connections: AtomicUsize,
     requests: AtomicUsize,
     last: Mutex<Option<SeenRequest>>,
@@ -106,6 +110,7 @@ pub struct Origin {
 pub struct OriginBuilder {
     name: String,
     mode: Mode,
+    addr: SocketAddr,
 }
 
 impl OriginBuilder {
@@ -115,13 +120,23 @@ impl OriginBuilder {
         self
     }
 
-    /// Binds `127.0.0.1:0` and starts serving.
+    /// Listens on `addr` instead of a free port: to bring back an origin
+    /// that was stopped, on the address the gateway knows.
+    pub fn addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// Binds (`127.0.0.1:0` unless [`addr`](Self::addr) says otherwise) and starts serving.
     pub async fn start(self) -> anyhow::Result<Origin> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(self.addr)?;
+        let listener = socket.listen(1024)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             name: self.name,
-            mode: self.mode,
+            mode: Mutex::new(self.mode),
             connections: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             last: Mutex::new(None),
@@ -143,6 +158,7 @@ impl Origin {
         OriginBuilder {
             name: name.to_string(),
             mode: Mode::Echo,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 
@@ -159,6 +175,11 @@ impl Origin {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Changes how it answers from the next request on.
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap_or_else(PoisonError::into_inner) = mode;
     }
 
     /// Its name.
@@ -261,7 +282,8 @@ async fn handle(
     shared.requests.fetch_add(1, Ordering::SeqCst);
     shared.arrived.notify_waiters();
 
-    let mut response = match shared.mode {
+    let mode = *shared.mode.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut response = match mode {
         Mode::Echo => echo(&shared, req).await,
         Mode::Delay(delay) => {
             tokio::time::sleep(delay).await;
@@ -270,6 +292,11 @@ async fn handle(
         Mode::Stall => std::future::pending().await,
         Mode::StreamEcho => Response::new(req.into_body().boxed()),
         Mode::WebSocketEcho => websocket(&shared, req),
+        Mode::Status(code) => answer_status(req, code).await,
+        Mode::DelayedStatus(delay, code) => {
+            tokio::time::sleep(delay).await;
+            answer_status(req, code).await
+        }
     };
     if let Ok(name) = HeaderValue::from_str(&shared.name) {
         response.headers_mut().insert(ORIGIN_HEADER, name);
@@ -280,6 +307,13 @@ async fn handle(
 fn status(code: StatusCode, text: &'static str) -> Response<OriginBody> {
     let mut response = Response::new(full(text));
     *response.status_mut() = code;
+    response
+}
+
+async fn answer_status(req: Request<Incoming>, code: u16) -> Response<OriginBody> {
+    let _ = req.into_body().collect().await;
+    let mut response = Response::new(full(format!("status {code}\n")));
+    *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
 }
 

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::upstream::EndpointStatus;
+use crate::upstream::{CircuitStatus, EndpointStatus};
 
 /// Time an admin client has to send its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -187,6 +187,9 @@ struct UpstreamStatus {
     name: String,
     /// The balancer plugin, or `weighted` for the core's own smooth weighted round-robin.
     balancer: String,
+    /// Breaker states plugins reported for the whole upstream, by plugin.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    circuits: std::collections::BTreeMap<String, CircuitStatus>,
     endpoints: Vec<EndpointStatus>,
 }
 
@@ -200,7 +203,8 @@ fn upstreams(config: &Config) -> Vec<UpstreamStatus> {
                 .balancer
                 .as_ref()
                 .map_or_else(|| "weighted (core)".to_string(), |b| b.name.to_string()),
-            endpoints: u.endpoint_set.status(),
+            circuits: u.endpoint_set.circuits(None),
+            endpoints: u.endpoint_set.status(false),
         })
         .collect()
 }

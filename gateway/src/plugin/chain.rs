@@ -23,6 +23,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::host::RequestState;
+use crate::upstream::EndpointSet;
 use super::{Action, HookError, OnError, Outcome, Plugin, Reply};
 
 /// The policies of one route, in manifest order.
@@ -84,7 +85,7 @@ impl Chain {
     pub(crate) async fn on_request(
         &self,
         mut req: RequestState,
-        upstream_named: impl Fn(&str) -> Option<Arc<str>>,
+        upstream_named: impl Fn(&str) -> Option<Arc<EndpointSet>>,
     ) -> (RequestState, Verdict) {
         for plugin in self.policies.iter().filter(|p| p.has_request_hook()) {
             let (back, result) = plugin.on_request(req).await;
@@ -138,15 +139,20 @@ impl Chain {
     }
 
     /// Tells the balancer (when it learns) and each learning policy how the
-    /// exchange went. Failures are logged and counted; the response has
-    /// already been decided.
-    pub(crate) async fn on_outcome(&self, balancer: Option<&Arc<Plugin>>, outcome: &Outcome) {
+    /// exchange with `upstream` went. Failures are logged and counted; the
+    /// response has already been decided.
+    pub(crate) async fn on_outcome(
+        &self,
+        balancer: Option<&Arc<Plugin>>,
+        upstream: &Arc<EndpointSet>,
+        outcome: &Outcome,
+    ) {
         let hooks = balancer
             .into_iter()
             .chain(self.policies.iter())
             .filter(|p| p.has_outcome_hook());
         for plugin in hooks {
-            if let Err(failure) = plugin.on_outcome(outcome).await {
+            if let Err(failure) = plugin.on_outcome(upstream, outcome).await {
                 tracing::warn!(
                     plugin = &*plugin.name,
                     hook = "on-outcome",

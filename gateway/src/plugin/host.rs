@@ -15,9 +15,9 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::sluice::policy::{clock, geo, log, metrics, random, state, types};
+use super::bindings::sluice::policy::{clock, geo, health, log, metrics, random, state, types};
 use super::scope::PluginScope;
-use crate::upstream::{CandidateSet, EndpointSet};
+use crate::upstream::{CandidateSet, CircuitState, EndpointSet, Passive};
 
 /// A request head lent to a hook call.
 #[derive(Debug)]
@@ -31,7 +31,7 @@ pub(crate) struct RequestState {
     /// The route that matched.
     pub(crate) route: Arc<str>,
     /// The upstream the request goes to, after steering so far.
-    pub(crate) upstream: Arc<str>,
+    pub(crate) upstream: Arc<EndpointSet>,
     /// The endpoint the balancer picked, once it has.
     pub(crate) endpoint: Option<SocketAddr>,
 }
@@ -44,7 +44,7 @@ impl RequestState {
             client_ip: IpAddr::from([0, 0, 0, 0]),
             https: false,
             route: Arc::from(""),
-            upstream: Arc::from(""),
+            upstream: Arc::new(EndpointSet::new("", &[], Passive::default())),
             endpoint: None,
         }
     }
@@ -145,6 +145,14 @@ impl Ctx {
         self.upstream
             .as_deref()
             .ok_or_else(|| wasmtime::format_err!("the upstream is not available in this hook"))
+    }
+
+    /// The upstream the current call is about: the one lent to it, or the request's.
+    fn current_upstream(&self) -> Option<&EndpointSet> {
+        self.upstream
+            .as_deref()
+            .or_else(|| self.request.as_ref().map(|r| &*r.upstream))
+            .filter(|u| !u.endpoints.is_empty())
     }
 
     fn candidates(&self) -> wasmtime::Result<(&EndpointSet, &CandidateSet)> {
@@ -254,7 +262,7 @@ impl types::HostRequest for Ctx {
     }
 
     fn upstream(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<String> {
-        Ok(self.request()?.upstream.to_string())
+        Ok(self.request()?.upstream.name.to_string())
     }
 
     fn endpoint(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<Option<String>> {
@@ -562,5 +570,32 @@ impl geo::Host for Ctx {
             country: None,
             continent: None,
         })
+    }
+}
+
+impl health::Host for Ctx {
+    fn eject(&mut self, id: u32, duration_ms: u64, max_percent: u32) -> wasmtime::Result<bool> {
+        Ok(self.current_upstream().is_some_and(|u| {
+            u.eject(id, std::time::Duration::from_millis(duration_ms), max_percent)
+        }))
+    }
+
+    fn readmit(&mut self, id: u32) -> wasmtime::Result<()> {
+        if let Some(upstream) = self.current_upstream() {
+            upstream.readmit(id);
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, endpoint: Option<u32>, state: health::Circuit) -> wasmtime::Result<()> {
+        let state = match state {
+            health::Circuit::Closed => CircuitState::Closed,
+            health::Circuit::Open => CircuitState::Open,
+            health::Circuit::HalfOpen => CircuitState::HalfOpen,
+        };
+        if let Some(upstream) = self.current_upstream() {
+            upstream.report_circuit(&self.scope.name, endpoint, state);
+        }
+        Ok(())
     }
 }

@@ -518,13 +518,18 @@ impl Plugin {
         }
     }
 
-    /// Runs `on-outcome`.
-    pub(crate) async fn on_outcome(&self, outcome: &Outcome) -> Result<(), HookError> {
+    /// Runs `on-outcome` for an exchange with `upstream`.
+    pub(crate) async fn on_outcome(
+        &self,
+        upstream: &Arc<EndpointSet>,
+        outcome: &Outcome,
+    ) -> Result<(), HookError> {
         let mut instance = self.acquire().await?;
         let Some(hook) = instance.outcome.clone() else {
             self.release(instance);
             return Ok(());
         };
+        instance.store.data_mut().upstream = Some(upstream.clone());
         let started = self.arm(&mut instance);
         let called = hook.call_on_outcome(&mut instance.store, outcome).await;
         self.settle(started, called)?;

@@ -160,7 +160,7 @@ async fn proxy(
         client_ip: conn.peer.ip(),
         https: conn.https,
         route: route.name.clone(),
-        upstream: upstream.name.clone(),
+        upstream: upstream.endpoints.clone(),
         endpoint: None,
     };
 
@@ -172,7 +172,7 @@ async fn proxy(
                 .upstreams
                 .iter()
                 .find(|u| &*u.name == name)
-                .map(|u| u.name.clone())
+                .map(|u| u.endpoints.clone())
         };
         let (back, verdict) = chain.on_request(request, upstream_named).await;
         request = back;
@@ -181,11 +181,11 @@ async fn proxy(
             Verdict::Answer(reply) => return answered(reply, outcome),
             Verdict::Failed(plugin) => return policy_failed(plugin, outcome),
         }
-        if !Arc::ptr_eq(&request.upstream, &upstream.name) {
+        if !Arc::ptr_eq(&request.upstream, &upstream.endpoints) {
             match tables
                 .upstreams
                 .iter()
-                .find(|u| Arc::ptr_eq(&u.name, &request.upstream))
+                .find(|u| Arc::ptr_eq(&u.endpoints, &request.upstream))
             {
                 Some(steered) => upstream = steered,
                 None => {
@@ -234,7 +234,7 @@ async fn proxy(
                 Err(ErrorKind::NoEndpoint),
                 Duration::ZERO,
             );
-            chain.on_outcome(balancer, &report).await;
+            chain.on_outcome(balancer, endpoints, &report).await;
         }
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -314,7 +314,7 @@ async fn proxy(
                 Err(error_kind),
                 latency,
             );
-            chain.on_outcome(balancer, &report).await;
+            chain.on_outcome(balancer, endpoints, &report).await;
         }
         return local(status, text, kind, outcome);
     }
@@ -337,7 +337,7 @@ async fn proxy(
             Ok(response.status()),
             latency,
         );
-        chain.on_outcome(balancer, &report).await;
+        chain.on_outcome(balancer, endpoints, &report).await;
     }
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS

@@ -1,16 +1,23 @@
 //! An upstream's endpoints as every worker shares them: live load, peak-EWMA
-//! latency, passive health (nginx's `max_fails` / `fail_timeout`), and the
-//! snapshot of candidates a balancer picks from.
+//! latency, health, and the snapshot of candidates a balancer picks from.
+//!
+//! An endpoint takes traffic when all three health sources agree:
+//! - passive health (nginx's `max_fails` / `fail_timeout`), fed by the
+//!   proxy's failed exchanges;
+//! - active checks ([`super::checks`]), HAProxy's `rise` / `fall`;
+//! - outlier ejection, asked for by a plugin (`health.eject`), Envoy's
+//!   outlier detection.
 //!
 //! One [`EndpointSet`] exists per upstream per loaded config, shared by all
 //! worker threads (each worker keeps its own connection pool), so health,
 //! rotation counters and selection counts are global to the process.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::hash::Hasher as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -54,6 +61,14 @@ pub(crate) struct Endpoint {
     down_until_ms: AtomicU64,
     /// Times passive health marked the endpoint down.
     ejections: AtomicU64,
+    /// Taken out by a plugin until this time, ms since the set's epoch (0 = never).
+    ejected_until_ms: AtomicU64,
+    /// Times a plugin ejected the endpoint.
+    outlier_ejections: AtomicU64,
+    /// Whether active checks find the endpoint down.
+    check_down: AtomicBool,
+    /// Why the last failed check failed, while the endpoint is down by checks.
+    check_error: Mutex<Option<String>>,
 }
 
 impl Endpoint {
@@ -77,6 +92,10 @@ impl Endpoint {
             fail_window_ms: AtomicU64::new(0),
             down_until_ms: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            outlier_ejections: AtomicU64::new(0),
+            check_down: AtomicBool::new(false),
+            check_error: Mutex::new(None),
         }
     }
 
@@ -91,6 +110,23 @@ impl Endpoint {
     /// Requests in flight now.
     pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether every health source lets the endpoint take traffic at `now_ms`.
+    fn is_up(&self, now_ms: u64) -> bool {
+        !self.check_down.load(Ordering::Relaxed)
+            && self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// When the endpoint comes back by itself (its passive down time or its
+    /// ejection ends), if that is after `now_ms`.
+    fn back_at(&self, now_ms: u64) -> Option<u64> {
+        let until = self
+            .down_until_ms
+            .load(Ordering::Relaxed)
+            .max(self.ejected_until_ms.load(Ordering::Relaxed));
+        (until > now_ms).then_some(until)
     }
 
     /// The latency average at `now_ns`, decayed for the time without samples.
@@ -174,6 +210,33 @@ pub(crate) struct Passive {
     pub(crate) fail_timeout: Duration,
 }
 
+/// A circuit breaker's state, as a plugin reports it (`health.report`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum CircuitState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+/// The last state a breaker plugin reported, and how often it opened.
+#[derive(Debug, Clone, Copy)]
+struct CircuitEntry {
+    state: CircuitState,
+    since: Instant,
+    opened: u64,
+}
+
+/// One breaker's state, for `GET /upstreams`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct CircuitStatus {
+    pub(crate) state: CircuitState,
+    /// Milliseconds since the state was entered.
+    pub(crate) for_ms: u64,
+    /// Times the breaker opened since the config was loaded.
+    pub(crate) opened: u64,
+}
+
 /// An upstream's endpoints, shared by every worker.
 #[derive(Debug)]
 pub(crate) struct EndpointSet {
@@ -184,6 +247,9 @@ pub(crate) struct EndpointSet {
     candidates: ArcSwap<CandidateSet>,
     /// The rotation counter behind the core's round-robin and `upstream.turn`.
     turn: AtomicU64,
+    /// Breaker states reported by plugins, by (plugin, endpoint id or the
+    /// whole upstream). Written only on transitions.
+    circuits: Mutex<BTreeMap<(Arc<str>, Option<u32>), CircuitEntry>>,
 }
 
 /// One endpoint's live state, for `GET /upstreams`.
@@ -194,17 +260,32 @@ pub(crate) struct EndpointStatus {
     pub(crate) weight: u32,
     pub(crate) backup: bool,
     pub(crate) labels: BTreeMap<String, String>,
-    /// `up` or `down` (marked by passive health).
+    /// `up`, or `down` when any health source holds it out.
     pub(crate) health: &'static str,
-    /// Milliseconds left until a down endpoint is tried again.
+    /// Milliseconds left until passive health tries the endpoint again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) down_for_ms: Option<u64>,
+    /// Milliseconds left of a plugin's ejection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ejected_for_ms: Option<u64>,
+    /// What active checks find (`up` or `down`), when they run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) check: Option<&'static str>,
+    /// Why the last check failed, while checks hold the endpoint down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) check_error: Option<String>,
+    /// Breaker states reported for this endpoint, by plugin.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) circuits: BTreeMap<String, CircuitStatus>,
     /// Whether balancers are offered the endpoint now.
     pub(crate) candidate: bool,
     pub(crate) in_flight: u32,
     pub(crate) latency_ewma_us: u32,
     pub(crate) selected: u64,
+    /// Times passive health marked the endpoint down.
     pub(crate) ejections: u64,
+    /// Times a plugin ejected it (outlier detection).
+    pub(crate) outlier_ejections: u64,
 }
 
 impl EndpointSet {
@@ -224,6 +305,7 @@ impl EndpointSet {
             epoch: Instant::now(),
             candidates,
             turn: AtomicU64::new(0),
+            circuits: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -270,6 +352,27 @@ impl EndpointSet {
         let turn = usize::try_from(self.next_turn() % len).ok()?;
         let position = usize::try_from(set.rotation[turn]).ok()?;
         self.endpoints.get(usize::try_from(set.ids[position]).ok()?)
+    }
+
+    /// The core's pick for a retry: the next endpoint in the rotation that
+    /// is not in `tried`, or the plain next one when every candidate was tried.
+    pub(crate) fn pick_weighted_untried(&self, tried: &[u32]) -> Option<&Endpoint> {
+        let set = self.candidates();
+        let len = u64::try_from(set.rotation.len()).ok().filter(|l| *l > 0)?;
+        let start = self.next_turn();
+        let untried = (0..len).find_map(|step| {
+            let turn = usize::try_from(start.wrapping_add(step) % len).ok()?;
+            let id = *set.ids.get(usize::try_from(set.rotation[turn]).ok()?)?;
+            (!tried.contains(&id)).then_some(id)
+        });
+        let id = match untried {
+            Some(id) => id,
+            None => {
+                let turn = usize::try_from(start % len).ok()?;
+                set.ids[usize::try_from(set.rotation[turn]).ok()?]
+            }
+        };
+        self.endpoints.get(usize::try_from(id).ok()?)
     }
 
     /// The endpoint at `position` of `set`.
@@ -357,29 +460,162 @@ impl EndpointSet {
         self.rebuild(now);
     }
 
-    /// Every endpoint's live state.
-    pub(crate) fn status(&self) -> Vec<EndpointStatus> {
+    /// Takes endpoint `id` out of the candidates for `duration`, unless more
+    /// than `max_percent` of the endpoints would then be ejected (one may
+    /// always be). Returns whether it was ejected.
+    pub(crate) fn eject(&self, id: u32, duration: Duration, max_percent: u32) -> bool {
+        let Some(endpoint) = usize::try_from(id).ok().and_then(|i| self.endpoints.get(i)) else {
+            return false;
+        };
+        let now = self.now_ms();
+        let ejected = |e: &Endpoint| e.ejected_until_ms.load(Ordering::Relaxed) > now;
+        if !ejected(endpoint) {
+            let others = self.endpoints.iter().filter(|e| ejected(e)).count();
+            let total = self.endpoints.len();
+            let allowed = u64::try_from(total).unwrap_or(u64::MAX) * u64::from(max_percent);
+            let wanted = u64::try_from(others + 1).unwrap_or(u64::MAX) * 100;
+            if others > 0 && wanted > allowed {
+                tracing::info!(
+                    upstream = &*self.name,
+                    endpoint = &*endpoint.address,
+                    ejected = others,
+                    max_percent,
+                    "ejection refused: too many endpoints ejected"
+                );
+                return false;
+            }
+            endpoint.outlier_ejections.fetch_add(1, Ordering::Relaxed);
+        }
+        let until = now.saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
+        endpoint.ejected_until_ms.store(until, Ordering::Relaxed);
+        tracing::warn!(
+            upstream = &*self.name,
+            endpoint = &*endpoint.address,
+            ejected_for = ?duration,
+            "endpoint ejected"
+        );
+        self.rebuild(now);
+        true
+    }
+
+    /// Ends endpoint `id`'s ejection now.
+    pub(crate) fn readmit(&self, id: u32) {
+        let Some(endpoint) = usize::try_from(id).ok().and_then(|i| self.endpoints.get(i)) else {
+            return;
+        };
+        let now = self.now_ms();
+        if endpoint.ejected_until_ms.swap(0, Ordering::Relaxed) > now {
+            tracing::info!(upstream = &*self.name, endpoint = &*endpoint.address, "endpoint readmitted");
+            self.rebuild(now);
+        }
+    }
+
+    /// Records an active check's verdict; returns whether the endpoint's
+    /// check state changed.
+    pub(crate) fn set_checked(&self, endpoint: &Endpoint, up: bool, error: Option<String>) -> bool {
+        {
+            let mut last = endpoint
+                .check_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *last = if up { None } else { error };
+        }
+        let changed = endpoint.check_down.swap(!up, Ordering::Relaxed) == up;
+        if changed {
+            self.rebuild(self.now_ms());
+        }
+        changed
+    }
+
+    /// Records the breaker state plugin `plugin` reports for the upstream
+    /// (`endpoint` none) or one endpoint.
+    pub(crate) fn report_circuit(&self, plugin: &Arc<str>, endpoint: Option<u32>, state: CircuitState) {
+        let mut circuits = self
+            .circuits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = circuits
+            .entry((plugin.clone(), endpoint))
+            .or_insert(CircuitEntry {
+                state: CircuitState::Closed,
+                since: Instant::now(),
+                opened: 0,
+            });
+        if entry.state == state {
+            return;
+        }
+        if state == CircuitState::Open {
+            entry.opened += 1;
+        }
+        entry.state = state;
+        entry.since = Instant::now();
+        drop(circuits);
+        let address = endpoint
+            .and_then(|id| self.endpoints.get(usize::try_from(id).ok()?))
+            .map(|e| &*e.address);
+        tracing::warn!(
+            upstream = &*self.name,
+            endpoint = address,
+            plugin = &**plugin,
+            ?state,
+            "circuit breaker changed state"
+        );
+    }
+
+    /// Breaker states reported for endpoint `endpoint` (or the upstream), by plugin.
+    pub(crate) fn circuits(&self, endpoint: Option<u32>) -> BTreeMap<String, CircuitStatus> {
+        let circuits = self
+            .circuits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        circuits
+            .iter()
+            .filter(|((_, e), _)| *e == endpoint)
+            .map(|((plugin, _), entry)| {
+                (
+                    plugin.to_string(),
+                    CircuitStatus {
+                        state: entry.state,
+                        for_ms: u64::try_from(entry.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        opened: entry.opened,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Every endpoint's live state; `checked` says whether active checks run.
+    pub(crate) fn status(&self, checked: bool) -> Vec<EndpointStatus> {
         let set = self.candidates();
         let now_ms = self.now_ms();
         let now_ns = self.now_ns();
         self.endpoints
             .iter()
             .map(|e| {
-                let down_until = e.down_until_ms.load(Ordering::Relaxed);
-                let down = down_until > now_ms;
+                let left = |until: u64| (until > now_ms).then(|| until - now_ms);
+                let check_down = e.check_down.load(Ordering::Relaxed);
                 EndpointStatus {
                     id: e.id,
                     address: e.address.to_string(),
                     weight: e.weight,
                     backup: e.backup,
                     labels: e.labels.clone(),
-                    health: if down { "down" } else { "up" },
-                    down_for_ms: down.then(|| down_until - now_ms),
+                    health: if e.is_up(now_ms) { "up" } else { "down" },
+                    down_for_ms: left(e.down_until_ms.load(Ordering::Relaxed)),
+                    ejected_for_ms: left(e.ejected_until_ms.load(Ordering::Relaxed)),
+                    check: checked.then_some(if check_down { "down" } else { "up" }),
+                    check_error: e
+                        .check_error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone(),
+                    circuits: self.circuits(Some(e.id)),
                     candidate: set.position(e.id).is_some(),
                     in_flight: e.in_flight(),
                     latency_ewma_us: to_u32(e.latency_ewma_us(now_ns)),
                     selected: e.selected.load(Ordering::Relaxed),
                     ejections: e.ejections.load(Ordering::Relaxed),
+                    outlier_ejections: e.outlier_ejections.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -405,7 +641,7 @@ fn to_u32(value: f64) -> u32 {
 
 /// The candidates among `endpoints` at `now_ms`.
 fn build_candidates(name: &str, endpoints: &[Endpoint], now_ms: u64) -> CandidateSet {
-    let up = |e: &&Endpoint| e.down_until_ms.load(Ordering::Relaxed) <= now_ms;
+    let up = |e: &&Endpoint| e.is_up(now_ms);
     let mut chosen: Vec<&Endpoint> = endpoints.iter().filter(|e| !e.backup).filter(up).collect();
     if chosen.is_empty() {
         chosen = endpoints.iter().filter(|e| e.backup).filter(up).collect();
@@ -416,8 +652,7 @@ fn build_candidates(name: &str, endpoints: &[Endpoint], now_ms: u64) -> Candidat
     }
     let valid_until_ms = endpoints
         .iter()
-        .map(|e| e.down_until_ms.load(Ordering::Relaxed))
-        .filter(|until| *until > now_ms)
+        .filter_map(|e| e.back_at(now_ms))
         .min()
         .unwrap_or(u64::MAX);
     let mut positions = vec![u32::MAX; endpoints.len()];
@@ -543,7 +778,7 @@ mod tests {
             vec![0, 1],
             "panic mode: every primary"
         );
-        let status = set.status();
+        let status = set.status(false);
         assert_eq!(status[0].health, "down");
         assert_eq!(status[0].ejections, 1);
         assert!(status[0].candidate);

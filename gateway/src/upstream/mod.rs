@@ -11,7 +11,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub(crate) use endpoints::{CandidateSet, Endpoint, EndpointSet, EndpointStatus, Passive};
+pub(crate) use endpoints::{
+    CandidateSet, CircuitState, CircuitStatus, Endpoint, EndpointSet, EndpointStatus, Passive,
+};
 
 use crate::config::UpstreamConfig;
 use crate::plugin::Plugin;
