@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use tokio::sync::watch;
 
 use crate::admin::{Admin, AdminHandle};
-use crate::{Config, Drained, Gateway, Reloader, bind_for_workers, telemetry};
+use crate::{Config, Drained, Gateway, HealthChecks, Reloader, bind_for_workers, telemetry};
 
 /// Exit status for a manifest that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -188,11 +188,13 @@ fn run(path: &Path, workers: Option<usize>, demo: bool) -> ExitCode {
             }
             Some(Err(error)) => return Err(error.to_string()),
         };
+        let checks = config.start_health_checks();
         tokio::spawn(reload_on_sighup(
             path.to_path_buf(),
             config.clone(),
             reloaders,
             admin,
+            checks,
         ));
         shutdown_signal().await;
         let _ = admin_stop.send(());
@@ -299,6 +301,7 @@ async fn reload_on_sighup(
     mut current: Config,
     reloaders: Vec<Reloader>,
     admin: Option<AdminHandle>,
+    mut checks: HealthChecks,
 ) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
@@ -322,6 +325,8 @@ async fn reload_on_sighup(
                 if let Some(admin) = &admin {
                     admin.publish(&config);
                 }
+                // The new config's endpoints start fresh; the old checks stop.
+                drop(std::mem::replace(&mut checks, config.start_health_checks()));
                 tracing::info!(manifest = %path.display(), "reloaded routes and upstreams");
                 current = config;
             }

@@ -239,6 +239,19 @@ pub async fn fetch(addr: SocketAddr, request: Request<Full<Bytes>>) -> anyhow::R
     conn.request(request).await
 }
 
+/// `GET path` on the admin API at `addr`, with `Authorization: Bearer token` when given.
+pub async fn admin_get(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<Reply> {
+    let mut client: H1 = H1::connect(addr).await?;
+    let mut req = get("admin.test", path);
+    if let Some(token) = token {
+        req.headers_mut().insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&format!("Bearer {token}"))?,
+        );
+    }
+    client.request(req).await
+}
+
 /// A request body fed from a channel: each `Bytes` sent becomes one data
 /// frame; dropping the sender ends the body. It has no length, so HTTP/1.1
 /// sends it chunked.

@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 #[derive(Debug)]
 pub struct TestGateway {
     config: sluice::Config,
+    /// Active health checks, stopped with the gateway.
+    _checks: sluice::HealthChecks,
     addrs: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
     admin_shutdown: Option<oneshot::Sender<()>>,
@@ -43,12 +45,14 @@ impl TestGateway {
                 (addr, Some(tx))
             }
         };
+        let checks = config.start_health_checks();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async move {
             let _ = rx.await;
         }));
         Ok(TestGateway {
             config,
+            _checks: checks,
             addrs,
             admin,
             admin_shutdown,

@@ -92,6 +92,8 @@ struct Shared {
     connections: AtomicUsize,
     requests: AtomicUsize,
     last: Mutex<Option<SeenRequest>>,
+    /// When each request head was read.
+    arrivals: Mutex<Vec<std::time::Instant>>,
     arrived: Notify,
     tasks: Tasks,
 }
@@ -140,6 +142,7 @@ impl OriginBuilder {
             connections: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             last: Mutex::new(None),
+            arrivals: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             tasks: Tasks::default(),
         });
@@ -195,6 +198,15 @@ impl Origin {
     /// Request heads read so far.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// When each request head was read, in order.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.shared
+            .arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The most recent request it read, if any.
@@ -278,6 +290,11 @@ async fn handle(
             headers: req.headers().clone(),
         };
         *shared.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(seen);
+        shared
+            .arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(std::time::Instant::now());
     }
     shared.requests.fetch_add(1, Ordering::SeqCst);
     shared.arrived.notify_waiters();

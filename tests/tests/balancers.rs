@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request};
 use http_body_util::Full;
-use sluice_tests::client::{H1, get};
+use sluice_tests::client::{H1, admin_get, get};
 use sluice_tests::origin::ORIGIN_HEADER;
 use sluice_tests::{Manifest, Mode, Origin, Reply, TestGateway, WAIT, within};
 
@@ -503,17 +503,6 @@ async fn backups_serve_only_when_every_primary_is_down() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn admin_get(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<Reply> {
-    let mut client: H1 = H1::connect(addr).await?;
-    let mut req = get("admin.test", path);
-    if let Some(token) = token {
-        req.headers_mut().insert(
-            "authorization",
-            HeaderValue::from_str(&format!("Bearer {token}"))?,
-        );
-    }
-    client.request(req).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_upstreams_shows_live_endpoint_state_behind_a_token() -> anyhow::Result<()> {

@@ -204,7 +204,7 @@ fn upstreams(config: &Config) -> Vec<UpstreamStatus> {
                 .as_ref()
                 .map_or_else(|| "weighted (core)".to_string(), |b| b.name.to_string()),
             circuits: u.endpoint_set.circuits(None),
-            endpoints: u.endpoint_set.status(false),
+            endpoints: u.endpoint_set.status(u.health.is_some()),
         })
         .collect()
 }

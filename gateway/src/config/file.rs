@@ -100,9 +100,9 @@ pub(crate) struct TlsCertFile {
 pub(crate) struct UpstreamFile {
     pub(crate) endpoints: Vec<EndpointFile>,
     pub(crate) balancer: Option<String>,
-    pub(crate) health: Option<toml::Value>,
+    pub(crate) health: Option<HealthFile>,
     pub(crate) passive: Option<PassiveFile>,
-    pub(crate) retries: Option<toml::Value>,
+    pub(crate) retries: Option<RetriesFile>,
     pub(crate) keepalive: Option<usize>,
     pub(crate) keepalive_timeout: Option<DurationText>,
     pub(crate) connect_timeout: Option<DurationText>,
@@ -115,6 +115,44 @@ pub(crate) struct UpstreamFile {
 pub(crate) struct PassiveFile {
     pub(crate) max_fails: Option<u32>,
     pub(crate) fail_timeout: Option<DurationText>,
+}
+
+/// `health = { path = "/health", interval = "2s", timeout = "1s", rise = 2, fall = 3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HealthFile {
+    /// `http` (default) or `tcp`.
+    #[serde(rename = "type")]
+    pub(crate) kind: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) host: Option<String>,
+    /// `"200-399"` or one status like `200`.
+    pub(crate) expect: Option<toml::Value>,
+    pub(crate) interval: Option<DurationText>,
+    pub(crate) timeout: Option<DurationText>,
+    pub(crate) rise: Option<u32>,
+    pub(crate) fall: Option<u32>,
+    pub(crate) jitter: Option<DurationText>,
+}
+
+/// `retries = { attempts = 3, per_try_timeout = "2s", on = [...], backoff = "25ms", budget = {...} }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetriesFile {
+    pub(crate) attempts: Option<u32>,
+    pub(crate) per_try_timeout: Option<DurationText>,
+    pub(crate) on: Option<Vec<String>>,
+    /// `"25ms"`, or `{ initial, multiplier, max, jitter }`.
+    pub(crate) backoff: Option<toml::Value>,
+    pub(crate) budget: Option<BudgetFile>,
+}
+
+/// `budget = { percent = 20, min_per_sec = 10 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BudgetFile {
+    pub(crate) percent: Option<u32>,
+    pub(crate) min_per_sec: Option<u32>,
 }
 
 /// `[admin]`.

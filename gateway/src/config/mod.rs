@@ -6,6 +6,7 @@
 //! so `sluice check` can print them all at once.
 
 pub(crate) mod file;
+mod resilience;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -19,7 +20,7 @@ use http::{HeaderName, HeaderValue, Method};
 use crate::plugin::chain::Chain;
 use crate::plugin::{OnError, Plugin, PluginError, PluginSpec, Source};
 use crate::route::{HostMatch, PathMatch, Route, RouteMatch, RouteTable};
-use crate::upstream::{EndpointSet, Passive};
+use crate::upstream::{EndpointSet, HealthCheck, HealthChecks, Passive, RetryPolicy};
 use file::{
     AdminFile, EndpointFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile, PluginFile,
     RouteFile, UpstreamFile,
@@ -108,6 +109,10 @@ pub(crate) struct UpstreamConfig {
     pub(crate) balancer: Option<Arc<Plugin>>,
     /// The endpoints' live state, shared by every worker serving this config.
     pub(crate) endpoint_set: Arc<EndpointSet>,
+    /// Active health checks, when `health` is configured.
+    pub(crate) health: Option<Arc<HealthCheck>>,
+    /// Retries, when `retries` is configured (with its budget, shared by every worker).
+    pub(crate) retries: Option<Arc<RetryPolicy>>,
 }
 
 /// `[admin]`: the admin API listener.
@@ -234,6 +239,19 @@ impl Config {
     /// The names of every loaded plugin.
     pub fn plugin_names(&self) -> Vec<String> {
         self.plugins.keys().cloned().collect()
+    }
+
+    /// Starts the active health checks of every upstream that has them, on
+    /// the current tokio runtime. They run until the handle is dropped: keep
+    /// it as long as this config serves, and drop it when a reload replaces it.
+    pub fn start_health_checks(&self) -> HealthChecks {
+        let mut checks = HealthChecks::default();
+        for upstream in &self.upstreams {
+            if let Some(check) = &upstream.health {
+                checks.start(&upstream.endpoint_set, check);
+            }
+        }
+        checks
     }
 
     /// Listener names with the addresses they are configured to bind.
@@ -502,17 +520,8 @@ impl Validator<'_> {
                 "must be greater than zero",
             );
         }
-        for (field, present) in [
-            ("health", file.health.is_some()),
-            ("retries", file.retries.is_some()),
-        ] {
-            if present {
-                self.problem(
-                    format!("{key}.{field}"),
-                    format!("`{field}` is not implemented in this build yet; remove it"),
-                );
-            }
-        }
+        let health = file.health.as_ref().and_then(|h| self.health(&key, h));
+        let retries = file.retries.as_ref().and_then(|r| self.retries(&key, r));
         for (field, value) in [
             ("connect_timeout", file.connect_timeout),
             ("timeout", file.timeout),
@@ -535,6 +544,8 @@ impl Validator<'_> {
                 .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             timeout: file.timeout.map_or(DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
             balancer,
+            health,
+            retries,
         }
     }
 

@@ -2,6 +2,7 @@
 //! buffered whole, so a 50 MB upload costs the same memory as a 5 KB one.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -28,18 +29,65 @@ pub(crate) enum RequestBodyError {
 /// The client's request body on its way upstream, cut off past `limit`.
 #[derive(Debug)]
 pub(crate) struct RequestBody {
-    inner: Incoming,
+    /// `None`: an empty body (a retried request that had none).
+    inner: Option<Incoming>,
     limit: Option<u64>,
     received: u64,
+    /// Where the body goes back if it is dropped before it was read, so a
+    /// failed try whose body never left can be retried with it.
+    unsent: Option<UnsentBody>,
+    polled: bool,
+}
+
+/// A request body that a failed try gave back unread.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UnsentBody(Arc<Mutex<Option<Incoming>>>);
+
+impl UnsentBody {
+    /// The body, if the last try gave it back unread.
+    pub(crate) fn take(&self) -> Option<Incoming> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
 }
 
 impl RequestBody {
     /// Wraps a client body with an optional byte limit.
     pub(crate) fn new(inner: Incoming, limit: Option<u64>) -> Self {
         RequestBody {
-            inner,
+            inner: Some(inner),
             limit,
             received: 0,
+            unsent: None,
+            polled: false,
+        }
+    }
+
+    /// An empty body.
+    pub(crate) fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            limit: None,
+            received: 0,
+            unsent: None,
+            polled: false,
+        }
+    }
+
+    /// Like [`new`](Self::new), but a body dropped before it was read is put
+    /// back in `unsent`.
+    pub(crate) fn returning(inner: Incoming, limit: Option<u64>, unsent: &UnsentBody) -> Self {
+        let mut body = RequestBody::new(inner, limit);
+        body.unsent = Some(unsent.clone());
+        body
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if !self.polled
+            && let (Some(unsent), Some(inner)) = (self.unsent.take(), self.inner.take())
+        {
+            *unsent.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(inner);
         }
     }
 }
@@ -52,7 +100,11 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.polled = true;
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -70,11 +122,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

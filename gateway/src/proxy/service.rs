@@ -14,14 +14,14 @@ use hyper_util::rt::TokioIo;
 
 use super::ListenerContext;
 use super::activity::Activity;
-use super::body::{RequestBody, RequestBodyError, ResponseBody};
+use super::body::{RequestBody, RequestBodyError, ResponseBody, UnsentBody};
 use super::forward::{self, ClientHop};
 use crate::plugin::chain::{LocalReply, Verdict, apply_on_error};
 use crate::plugin::host::RequestState;
-use crate::plugin::{ErrorKind, Outcome as PolicyOutcome};
+use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::Endpoint;
+use crate::upstream::{Endpoint, EndpointSet, TryResult};
 
 /// Everything a request needs to know about its connection.
 #[derive(Debug)]
@@ -52,6 +52,8 @@ struct Outcome {
     upstream_ms: Option<f64>,
     error: Option<&'static str>,
     policy: Option<Arc<str>>,
+    /// Tries made upstream (more than 1 when retried).
+    attempts: u32,
 }
 
 /// hyper's entry point for each request on a connection.
@@ -93,6 +95,7 @@ pub(crate) async fn handle(
         upstream_ms: outcome.upstream_ms,
         error: outcome.error,
         policy: outcome.policy,
+        attempts: (outcome.attempts > 1).then_some(outcome.attempts),
         bytes_sent: 0,
         body_complete: false,
         upstream_body_error: false,
@@ -201,121 +204,182 @@ async fn proxy(
     }
     outcome.upstream = Some(upstream.name.clone());
 
-    // Balance: the core's rotation, or the upstream's balancer plugin.
+    // Balance, forward, and retry when the upstream's `retries` allow.
     let endpoints = &upstream.endpoints;
     let balancer = upstream.balancer.as_ref();
-    let endpoint = match balancer {
-        None => endpoints.pick_weighted(),
-        Some(balancer) => {
-            let candidates = endpoints.candidates();
-            if candidates.len() == 0 {
-                None
-            } else {
-                let (back, picked) = balancer.pick(request, endpoints, &candidates).await;
-                request = back;
-                match picked {
-                    Ok(position) => position.and_then(|p| endpoints.at(&candidates, p)),
-                    Err(failure) => match apply_on_error(balancer, "pick", &failure) {
-                        None => endpoints.pick_weighted(),
-                        Some(_) => return policy_failed(balancer.name.clone(), outcome),
-                    },
-                }
-            }
-        }
-    };
     let learns = chain.has_outcome_hooks() || balancer.is_some_and(|b| b.has_outcome_hook());
     let rewrites = chain.has_response_hooks() || balancer.is_some_and(|b| b.has_response_hook());
-    let Some(endpoint) = endpoint else {
-        if learns {
-            let report = policy_outcome(
-                &route.name,
-                &upstream.name,
-                None,
-                Err(ErrorKind::NoEndpoint),
-                Duration::ZERO,
-            );
-            chain.on_outcome(balancer, endpoints, &report).await;
-        }
-        return local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no endpoint available\n",
-            "no-endpoint",
-            outcome,
-        );
-    };
-    outcome.endpoint = Some(endpoint.addr);
-
-    // Forward.
+    // Upgrades (WebSocket) are never retried: the client's connection changes hands.
+    let retries = upstream.retries.as_deref().filter(|_| upgrade.is_none());
     let client_upgrade = upgrade
         .is_some()
         .then(|| request.parts.extensions.remove::<OnUpgrade>())
         .flatten();
-    request.endpoint = Some(endpoint.addr);
-    let forwarded_head = rewrites.then(|| request.copy_head());
-    let mut parts = request.parts;
+    let mut forwarded_head = rewrites.then(|| request.copy_head());
     let hop = ClientHop {
         ip: conn.peer.ip(),
         https: conn.https,
-        version: parts.version,
-        authority: parts.uri.authority(),
+        version: request.parts.version,
+        authority: request.parts.uri.authority(),
     };
-    forward::request_headers(&mut parts.headers, hop, upgrade);
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(endpoint.authority.clone());
-    uri.path_and_query = parts
+    forward::request_headers(&mut request.parts.headers, hop, upgrade);
+    request.parts.version = http::Version::HTTP_11;
+    let path_and_query = request
+        .parts
         .uri
         .path_and_query()
         .cloned()
-        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-    match Uri::from_parts(uri) {
-        Ok(uri) => parts.uri = uri,
-        Err(_) => {
-            return local(
-                StatusCode::BAD_REQUEST,
-                "bad request target\n",
-                "bad-uri",
-                outcome,
-            );
-        }
-    }
-    parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, body_limit));
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
-    let forwarding = Instant::now();
-    let in_flight = endpoint.begin();
-    let sent = tokio::time::timeout(upstream.timeout, upstream.client.request(upstream_req)).await;
-    drop(in_flight);
-    let latency = forwarding.elapsed();
+    let empty_body = http_body::Body::is_end_stream(&body);
+    let unsent = retries.map(|_| UnsentBody::default());
+    let mut body = Some(body);
+    let attempts = retries.map_or(1, |r| r.attempts);
+    if let Some(retries) = retries {
+        retries.budget.deposit();
+    }
+    let deadline = Instant::now() + upstream.timeout;
+    let mut tried: Vec<u32> = Vec::new();
+    let mut attempt = 1;
+    let (endpoint, sent) = loop {
+        let (back, picked) = pick_endpoint(request, endpoints, balancer, &tried).await;
+        request = back;
+        let endpoint = match picked {
+            Ok(Some(endpoint)) => endpoint,
+            Ok(None) => {
+                if learns {
+                    let report = policy_outcome(
+                        &route.name,
+                        &upstream.name,
+                        None,
+                        Err(ErrorKind::NoEndpoint),
+                        Duration::ZERO,
+                    );
+                    chain.on_outcome(balancer, endpoints, &report).await;
+                }
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no endpoint available\n",
+                    "no-endpoint",
+                    outcome,
+                );
+            }
+            Err(plugin) => return policy_failed(plugin, outcome),
+        };
+        outcome.endpoint = Some(endpoint.addr);
+        outcome.attempts = attempt;
+        request.endpoint = Some(endpoint.addr);
+
+        // The head for this try: a copy while another try may follow.
+        let last_chance = attempt >= attempts;
+        let mut parts = if last_chance {
+            std::mem::replace(&mut request.parts, http::Request::new(()).into_parts().0)
+        } else {
+            copy_parts(&request.parts)
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(endpoint.authority.clone());
+        uri.path_and_query = Some(path_and_query.clone());
+        match Uri::from_parts(uri) {
+            Ok(uri) => parts.uri = uri,
+            Err(_) => {
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    "bad request target\n",
+                    "bad-uri",
+                    outcome,
+                );
+            }
+        }
+        let try_body = match (body.take(), &unsent) {
+            (Some(incoming), Some(unsent)) if !empty_body => {
+                RequestBody::returning(incoming, body_limit, unsent)
+            }
+            (Some(incoming), _) => RequestBody::new(incoming, body_limit),
+            (None, _) => RequestBody::empty(),
+        };
+        let upstream_req = Request::from_parts(parts, try_body);
+
+        let try_timeout = retries
+            .and_then(|r| r.per_try_timeout)
+            .unwrap_or(upstream.timeout)
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let forwarding = Instant::now();
+        let in_flight = endpoint.begin();
+        let sent = tokio::time::timeout(try_timeout, upstream.client.request(upstream_req)).await;
+        drop(in_flight);
+        let latency = forwarding.elapsed();
+        let result = match &sent {
+            Err(_elapsed) => TryResult::Failed(ErrorKind::Timeout),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, endpoint = %endpoint.addr, attempt, "upstream request failed");
+                match classify(error).3 {
+                    Some(kind) => TryResult::Failed(kind),
+                    // Our own body limit or the client's body failed: not the upstream's fault.
+                    None => break (endpoint, sent),
+                }
+            }
+            Ok(Ok(response)) => TryResult::Answered(response.status()),
+        };
+        match result {
+            TryResult::Failed(_) => endpoints.failed(endpoint),
+            TryResult::Answered(_) => {
+                endpoints.observe_latency(endpoint, latency);
+                endpoints.succeeded(endpoint);
+            }
+        }
+        if learns {
+            let status = match result {
+                TryResult::Answered(status) => Ok(status),
+                TryResult::Failed(kind) => Err(kind),
+            };
+            let report = policy_outcome(&route.name, &upstream.name, Some(endpoint), status, latency);
+            chain.on_outcome(balancer, endpoints, &report).await;
+        }
+
+        let Some(retries) = retries.filter(|_| !last_chance) else {
+            break (endpoint, sent);
+        };
+        // A body that has not come back was (partly) sent: it cannot be sent again.
+        if !empty_body {
+            body = unsent.as_ref().and_then(UnsentBody::take);
+        }
+        let replayable = empty_body || body.is_some();
+        if !retries.is_retriable(result, &request.parts.method, replayable) {
+            break (endpoint, sent);
+        }
+        let backoff = retries.backoff.delay(attempt, fastrand::f64());
+        if Instant::now() + backoff >= deadline || !retries.budget.try_withdraw() {
+            break (endpoint, sent);
+        }
+        tracing::debug!(
+            upstream = &*upstream.name,
+            endpoint = %endpoint.addr,
+            attempt,
+            ?result,
+            ?backoff,
+            "retrying"
+        );
+        drop(sent);
+        tried.push(endpoint.id);
+        tokio::time::sleep(backoff).await;
+        attempt += 1;
+    };
+
     let failure = match sent {
         Err(ref _elapsed) => Some((
             StatusCode::GATEWAY_TIMEOUT,
             "upstream-timeout",
             "upstream timed out\n",
-            Some(ErrorKind::Timeout),
         )),
         Ok(Err(ref error)) => {
-            tracing::debug!(%error, endpoint = %endpoint.addr, "upstream request failed");
-            Some(classify(error))
+            let (status, kind, text, _) = classify(error);
+            Some((status, kind, text))
         }
         Ok(Ok(_)) => None,
     };
-    if let Some((status, kind, text, error_kind)) = failure {
-        if error_kind.is_some() {
-            endpoints.failed(endpoint);
-        }
-        if let Some(error_kind) = error_kind
-            && learns
-        {
-            let report = policy_outcome(
-                &route.name,
-                &upstream.name,
-                Some(endpoint),
-                Err(error_kind),
-                latency,
-            );
-            chain.on_outcome(balancer, endpoints, &report).await;
-        }
+    if let Some((status, kind, text)) = failure {
         return local(status, text, kind, outcome);
     }
     let Ok(Ok(mut response)) = sent else {
@@ -326,19 +390,7 @@ async fn proxy(
             outcome,
         );
     };
-    endpoints.observe_latency(endpoint, latency);
-    endpoints.succeeded(endpoint);
     outcome.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
-    if learns {
-        let report = policy_outcome(
-            &route.name,
-            &upstream.name,
-            Some(endpoint),
-            Ok(response.status()),
-            latency,
-        );
-        chain.on_outcome(balancer, endpoints, &report).await;
-    }
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -348,7 +400,8 @@ async fn proxy(
         return response.map(|_| ResponseBody::local(bytes::Bytes::new()));
     }
     forward::response_headers(response.headers_mut());
-    if let Some(head) = forwarded_head {
+    if let Some(mut head) = forwarded_head.take() {
+        head.endpoint = Some(endpoint.addr);
         let (parts, body) = response.into_parts();
         let (parts, rewritten) = chain.on_response(balancer, head, parts).await;
         if let Err(plugin) = rewritten {
@@ -357,6 +410,54 @@ async fn proxy(
         response = Response::from_parts(parts, body);
     }
     response.map(ResponseBody::upstream)
+}
+
+/// Picks the endpoint for a try: the balancer plugin's choice (or, on its
+/// failure with `on_error = "open"`, the core's), or the core's weighted
+/// rotation. A retry avoids the endpoints in `tried` while any other is a
+/// candidate. `Err` names a `closed` balancer that failed.
+async fn pick_endpoint<'a>(
+    request: RequestState,
+    endpoints: &'a Arc<EndpointSet>,
+    balancer: Option<&Arc<Plugin>>,
+    tried: &[u32],
+) -> (RequestState, Result<Option<&'a Endpoint>, Arc<str>>) {
+    let Some(balancer) = balancer else {
+        let picked = if tried.is_empty() {
+            endpoints.pick_weighted()
+        } else {
+            endpoints.pick_weighted_untried(tried)
+        };
+        return (request, Ok(picked));
+    };
+    let candidates = endpoints.candidates();
+    if candidates.len() == 0 {
+        return (request, Ok(None));
+    }
+    let (request, picked) = balancer.pick(request, endpoints, &candidates).await;
+    let picked = match picked {
+        Ok(position) => position.and_then(|p| endpoints.at(&candidates, p)),
+        Err(failure) => match apply_on_error(balancer, "pick", &failure) {
+            None => endpoints.pick_weighted(),
+            Some(_) => return (request, Err(balancer.name.clone())),
+        },
+    };
+    let retry_elsewhere = picked.is_some_and(|e| tried.contains(&e.id))
+        && candidates.ids.iter().any(|id| !tried.contains(id));
+    if retry_elsewhere {
+        return (request, Ok(endpoints.pick_weighted_untried(tried)));
+    }
+    (request, Ok(picked))
+}
+
+/// A copy of a request head without its extensions, for one try.
+fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut copy = http::Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
 }
 
 /// The outcome record policies learn from.

@@ -61,6 +61,8 @@ pub(crate) struct AccessRecord {
     pub(crate) error: Option<&'static str>,
     /// The policy that answered the request, steered it, or failed it.
     pub(crate) policy: Option<Arc<str>>,
+    /// Tries made upstream, when it was retried (more than one).
+    pub(crate) attempts: Option<u32>,
     pub(crate) bytes_sent: u64,
     pub(crate) body_complete: bool,
     pub(crate) upstream_body_error: bool,
@@ -87,6 +89,7 @@ impl AccessRecord {
             error = self.error,
             policy = self.policy.as_deref(),
             upstream_ms = self.upstream_ms,
+            attempts = self.attempts,
             duration_ms,
             bytes_sent = self.bytes_sent,
             completed = self.body_complete && !self.upstream_body_error,

@@ -2,7 +2,9 @@
 //! balancer plugin when one is configured, and each worker's pooled
 //! keep-alive client that forwards to the endpoints.
 
+mod checks;
 mod endpoints;
+mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+pub use checks::HealthChecks;
+pub(crate) use checks::{HealthCheck, Probe};
+pub(crate) use retry::{Backoff, RetryBudget, RetryOn, RetryPolicy, TryResult};
 pub(crate) use endpoints::{
     CandidateSet, CircuitState, CircuitStatus, Endpoint, EndpointSet, EndpointStatus, Passive,
 };
@@ -28,8 +33,10 @@ pub(crate) struct Upstream {
     /// The plugin that picks endpoints, when the manifest names one.
     pub(crate) balancer: Option<Arc<Plugin>>,
     pub(crate) client: Client<HttpConnector, RequestBody>,
-    /// How long to wait for the response head.
+    /// How long to wait for the response head, retries included.
     pub(crate) timeout: Duration,
+    /// Retries, when configured.
+    pub(crate) retries: Option<Arc<RetryPolicy>>,
 }
 
 impl Upstream {
@@ -52,6 +59,7 @@ impl Upstream {
             balancer: config.balancer.clone(),
             client,
             timeout: config.timeout,
+            retries: config.retries.clone(),
         }
     }
 }
