@@ -286,3 +286,90 @@ impl Validator<'_> {
         backoff
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::Config;
+
+    /// Problems with `upstream` lines added to a good manifest, as `key: message`.
+    fn errors(upstream: &str) -> Vec<String> {
+        let text = format!(
+            "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+             [upstream.api]\nendpoints = [\"127.0.0.1:9101\"]\n{upstream}\n\
+             [[route]]\nname = \"api\"\nupstream = \"api\"\n"
+        );
+        match Config::parse(&text, Path::new("t.toml")) {
+            Ok(_) => vec![],
+            Err(e) => e
+                .problems()
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_design_example_is_accepted() {
+        assert_eq!(
+            errors(
+                "health = { path = \"/health\", interval = \"2s\", timeout = \"1s\", rise = 2, fall = 3 }\n\
+                 retries = { attempts = 3, per_try_timeout = \"2s\", on = [\"connect-failure\", \"gateway-error\"], backoff = \"25ms\" }"
+            ),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            errors(
+                "health = { type = \"tcp\", interval = \"500ms\", jitter = \"100ms\" }\n\
+                 retries = { on = [\"5xx\", \"reset\", \"refused-stream\"], backoff = { initial = \"10ms\", multiplier = 1.5, max = \"1s\", jitter = 0 }, budget = { percent = 50, min_per_sec = 0 } }"
+            ),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn health_problems_name_their_key() {
+        assert_eq!(
+            errors("health = { type = \"udp\" }"),
+            ["upstream.api.health.type: unknown check type \"udp\": expected \"http\" or \"tcp\""]
+        );
+        assert_eq!(
+            errors("health = { type = \"tcp\", path = \"/x\" }"),
+            ["upstream.api.health.path: only HTTP checks have this; remove it or use type = \"http\""]
+        );
+        let errs = errors("health = { path = \"health\", rise = 0, expect = \"99-200\", interval = \"1s\", jitter = \"1s\" }");
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs[0].starts_with("upstream.api.health.path: \"health\" is not a path"));
+        assert!(errs[1].starts_with("upstream.api.health.expect: expected a status"));
+        assert!(errs[2].starts_with("upstream.api.health.jitter: must be less than the interval"));
+        assert_eq!(errs[3], "upstream.api.health.rise: must be at least 1");
+    }
+
+    #[test]
+    fn retry_problems_name_their_key() {
+        assert_eq!(
+            errors("retries = { on = [\"gateway-eror\"] }"),
+            ["upstream.api.retries.on[0]: unknown retry condition \"gateway-eror\" (did you mean \"gateway-error\"?); expected one of connect-failure, refused-stream, reset, gateway-error, 5xx"]
+        );
+        assert_eq!(
+            errors("retries = { attempts = 0 }"),
+            ["upstream.api.retries.attempts: must be between 1 and 10 (tries in all, the first included)"]
+        );
+        assert_eq!(
+            errors("retries = { backoff = \"25\" }"),
+            ["upstream.api.retries.backoff: invalid duration \"25\": a unit is required, like \"25s\" or \"25ms\""]
+        );
+        let errs = errors(
+            "retries = { backoff = { initial = \"100ms\", max = \"10ms\", multiplier = 0.5, jiter = 1 } }",
+        );
+        assert_eq!(
+            errs,
+            [
+                "upstream.api.retries.backoff.jiter: unknown key; expected initial, multiplier, max or jitter",
+                "upstream.api.retries.backoff.multiplier: expected a number from 1 to 10",
+                "upstream.api.retries.backoff.max: must not be less than `initial`",
+            ]
+        );
+    }
+}
