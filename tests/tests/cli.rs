@@ -534,4 +534,8 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
     assert_eq!(api["endpoints"][0]["selected"], 1, "{api}");
     assert_eq!(api["endpoints"][1]["selected"], 2, "{api}");
     assert_eq!(api["endpoints"][1]["health"], "up", "{api}");
+    assert_eq!(
+        api["endpoints"][1]["check"], "up",
+        "the demo's active checks run against its echo backends: {api}"
+    );
 }

@@ -232,7 +232,8 @@ async fn proxy(
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     let empty_body = http_body::Body::is_end_stream(&body);
-    let unsent = retries.map(|_| UnsentBody::default());
+    // Only a body that may be needed again is watched for coming back unread.
+    let unsent = retries.filter(|_| !empty_body).map(|_| UnsentBody::default());
     let mut body = Some(body);
     let attempts = retries.map_or(1, |r| r.attempts);
     if let Some(retries) = retries {
@@ -293,9 +294,7 @@ async fn proxy(
             }
         }
         let try_body = match (body.take(), &unsent) {
-            (Some(incoming), Some(unsent)) if !empty_body => {
-                RequestBody::returning(incoming, body_limit, unsent)
-            }
+            (Some(incoming), Some(unsent)) => RequestBody::returning(incoming, body_limit, unsent),
             (Some(incoming), _) => RequestBody::new(incoming, body_limit),
             (None, _) => RequestBody::empty(),
         };
