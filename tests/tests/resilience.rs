@@ -175,6 +175,9 @@ async fn http_checks_follow_rise_and_fall() -> anyhow::Result<()> {
         "rise = 3 at 50 ms needs more than one check ({:?})",
         healed.elapsed()
     );
+    let endpoints = endpoint_status(&gw).await?;
+    assert_eq!(endpoints[1]["check_changes"], 2, "down once, up once");
+    assert_eq!(endpoints[0]["check_changes"], 0);
     let mut origins = std::collections::BTreeSet::new();
     for _ in 0..10 {
         let reply = client.request(get("app.test", "/")).await?;

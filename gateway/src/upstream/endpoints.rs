@@ -69,6 +69,8 @@ pub(crate) struct Endpoint {
     check_down: AtomicBool,
     /// Why the last failed check failed, while the endpoint is down by checks.
     check_error: Mutex<Option<String>>,
+    /// Times active checks changed their verdict (up to down or back).
+    check_changes: AtomicU64,
 }
 
 impl Endpoint {
@@ -96,6 +98,7 @@ impl Endpoint {
             outlier_ejections: AtomicU64::new(0),
             check_down: AtomicBool::new(false),
             check_error: Mutex::new(None),
+            check_changes: AtomicU64::new(0),
         }
     }
 
@@ -274,6 +277,9 @@ pub(crate) struct EndpointStatus {
     /// Why the last check failed, while checks hold the endpoint down.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) check_error: Option<String>,
+    /// Times active checks took the endpoint out or brought it back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) check_changes: Option<u64>,
     /// Breaker states reported for this endpoint, by plugin.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) circuits: BTreeMap<String, CircuitStatus>,
@@ -522,6 +528,7 @@ impl EndpointSet {
         }
         let changed = endpoint.check_down.swap(!up, Ordering::Relaxed) == up;
         if changed {
+            endpoint.check_changes.fetch_add(1, Ordering::Relaxed);
             self.rebuild(self.now_ms());
         }
         changed
@@ -609,6 +616,7 @@ impl EndpointSet {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .clone(),
+                    check_changes: checked.then(|| e.check_changes.load(Ordering::Relaxed)),
                     circuits: self.circuits(Some(e.id)),
                     candidate: set.position(e.id).is_some(),
                     in_flight: e.in_flight(),
