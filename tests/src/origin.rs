@@ -182,7 +182,11 @@ impl Origin {
 
     /// Changes how it answers from the next request on.
     pub fn set_mode(&self, mode: Mode) {
-        *self.shared.mode.lock().unwrap_or_else(PoisonError::into_inner) = mode;
+        *self
+            .shared
+            .mode
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = mode;
     }
 
     /// Its name.
@@ -330,7 +334,8 @@ fn status(code: StatusCode, text: &'static str) -> Response<OriginBody> {
 async fn answer_status(req: Request<Incoming>, code: u16) -> Response<OriginBody> {
     let _ = req.into_body().collect().await;
     let mut response = Response::new(full(format!("status {code}\n")));
-    *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
 }
 

@@ -503,7 +503,6 @@ async fn backups_serve_only_when_every_primary_is_down() -> anyhow::Result<()> {
     Ok(())
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_upstreams_shows_live_endpoint_state_behind_a_token() -> anyhow::Result<()> {
     let fast = Origin::echo("view0").await?;

@@ -240,7 +240,11 @@ async fn the_last_answer_is_returned_when_retries_run_out() -> anyhow::Result<()
     let reply = client.request(get("app.test", "/")).await?;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.text(), "status 503\n", "the upstream's own answer");
-    assert_eq!(bad.requests(), 2, "one endpoint: the retry goes to it again");
+    assert_eq!(
+        bad.requests(),
+        2,
+        "one endpoint: the retry goes to it again"
+    );
     Ok(())
 }
 

@@ -78,7 +78,10 @@ impl Validator<'_> {
             let host = file.host.as_deref().and_then(|host| {
                 let value = HeaderValue::from_str(host).ok();
                 if value.is_none() {
-                    self.problem(format!("{key}.host"), format!("\"{host}\" is not a valid Host"));
+                    self.problem(
+                        format!("{key}.host"),
+                        format!("\"{host}\" is not a valid Host"),
+                    );
                 }
                 value
             });
@@ -162,7 +165,10 @@ impl Validator<'_> {
         }
         let per_try_timeout = file.per_try_timeout.map(|d| d.0);
         if per_try_timeout.is_some_and(|d| d.is_zero()) {
-            self.problem(format!("{key}.per_try_timeout"), "must be greater than zero");
+            self.problem(
+                format!("{key}.per_try_timeout"),
+                "must be greater than zero",
+            );
         }
         let mut on = Vec::new();
         match &file.on {
@@ -336,9 +342,13 @@ mod tests {
         );
         assert_eq!(
             errors("health = { type = \"tcp\", path = \"/x\" }"),
-            ["upstream.api.health.path: only HTTP checks have this; remove it or use type = \"http\""]
+            [
+                "upstream.api.health.path: only HTTP checks have this; remove it or use type = \"http\""
+            ]
         );
-        let errs = errors("health = { path = \"health\", rise = 0, expect = \"99-200\", interval = \"1s\", jitter = \"1s\" }");
+        let errs = errors(
+            "health = { path = \"health\", rise = 0, expect = \"99-200\", interval = \"1s\", jitter = \"1s\" }",
+        );
         assert_eq!(errs.len(), 4, "{errs:?}");
         assert!(errs[0].starts_with("upstream.api.health.path: \"health\" is not a path"));
         assert!(errs[1].starts_with("upstream.api.health.expect: expected a status"));
@@ -350,15 +360,21 @@ mod tests {
     fn retry_problems_name_their_key() {
         assert_eq!(
             errors("retries = { on = [\"gateway-eror\"] }"),
-            ["upstream.api.retries.on[0]: unknown retry condition \"gateway-eror\" (did you mean \"gateway-error\"?); expected one of connect-failure, refused-stream, reset, gateway-error, 5xx"]
+            [
+                "upstream.api.retries.on[0]: unknown retry condition \"gateway-eror\" (did you mean \"gateway-error\"?); expected one of connect-failure, refused-stream, reset, gateway-error, 5xx"
+            ]
         );
         assert_eq!(
             errors("retries = { attempts = 0 }"),
-            ["upstream.api.retries.attempts: must be between 1 and 10 (tries in all, the first included)"]
+            [
+                "upstream.api.retries.attempts: must be between 1 and 10 (tries in all, the first included)"
+            ]
         );
         assert_eq!(
             errors("retries = { backoff = \"25\" }"),
-            ["upstream.api.retries.backoff: invalid duration \"25\": a unit is required, like \"25s\" or \"25ms\""]
+            [
+                "upstream.api.retries.backoff: invalid duration \"25\": a unit is required, like \"25s\" or \"25ms\""
+            ]
         );
         let errs = errors(
             "retries = { backoff = { initial = \"100ms\", max = \"10ms\", multiplier = 0.5, jiter = 1 } }",

@@ -23,8 +23,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::host::RequestState;
-use crate::upstream::EndpointSet;
 use super::{Action, HookError, OnError, Outcome, Plugin, Reply};
+use crate::upstream::EndpointSet;
 
 /// The policies of one route, in manifest order.
 #[derive(Debug, Clone, Default)]

@@ -576,7 +576,11 @@ impl geo::Host for Ctx {
 impl health::Host for Ctx {
     fn eject(&mut self, id: u32, duration_ms: u64, max_percent: u32) -> wasmtime::Result<bool> {
         Ok(self.current_upstream().is_some_and(|u| {
-            u.eject(id, std::time::Duration::from_millis(duration_ms), max_percent)
+            u.eject(
+                id,
+                std::time::Duration::from_millis(duration_ms),
+                max_percent,
+            )
         }))
     }
 

@@ -233,7 +233,9 @@ async fn proxy(
 
     let empty_body = http_body::Body::is_end_stream(&body);
     // Only a body that may be needed again is watched for coming back unread.
-    let unsent = retries.filter(|_| !empty_body).map(|_| UnsentBody::default());
+    let unsent = retries
+        .filter(|_| !empty_body)
+        .map(|_| UnsentBody::default());
     let mut body = Some(body);
     let attempts = retries.map_or(1, |r| r.attempts);
     if let Some(retries) = retries {
@@ -333,7 +335,8 @@ async fn proxy(
                 TryResult::Answered(status) => Ok(status),
                 TryResult::Failed(kind) => Err(kind),
             };
-            let report = policy_outcome(&route.name, &upstream.name, Some(endpoint), status, latency);
+            let report =
+                policy_outcome(&route.name, &upstream.name, Some(endpoint), status, latency);
             chain.on_outcome(balancer, endpoints, &report).await;
         }
 

@@ -93,7 +93,12 @@ async fn check_endpoint(set: Weak<EndpointSet>, id: usize, check: Arc<HealthChec
         }) else {
             return;
         };
-        let verdict = match tokio::time::timeout(check.timeout, probe(addr, &authority, &check.probe)).await {
+        let verdict = match tokio::time::timeout(
+            check.timeout,
+            probe(addr, &authority, &check.probe),
+        )
+        .await
+        {
             Ok(verdict) => verdict,
             Err(_) => Err(format!("no answer within {:?}", check.timeout)),
         };

@@ -13,10 +13,10 @@
 //! rotation counters and selection counts are global to the process.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::hash::Hasher as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -222,6 +222,9 @@ pub(crate) enum CircuitState {
     HalfOpen,
 }
 
+/// Whose breaker: the plugin's name, and the endpoint id (`None`: the whole upstream).
+type CircuitKey = (Arc<str>, Option<u32>);
+
 /// The last state a breaker plugin reported, and how often it opened.
 #[derive(Debug, Clone, Copy)]
 struct CircuitEntry {
@@ -252,7 +255,7 @@ pub(crate) struct EndpointSet {
     turn: AtomicU64,
     /// Breaker states reported by plugins, by (plugin, endpoint id or the
     /// whole upstream). Written only on transitions.
-    circuits: Mutex<BTreeMap<(Arc<str>, Option<u32>), CircuitEntry>>,
+    circuits: Mutex<BTreeMap<CircuitKey, CircuitEntry>>,
 }
 
 /// One endpoint's live state, for `GET /upstreams`.
@@ -511,7 +514,11 @@ impl EndpointSet {
         };
         let now = self.now_ms();
         if endpoint.ejected_until_ms.swap(0, Ordering::Relaxed) > now {
-            tracing::info!(upstream = &*self.name, endpoint = &*endpoint.address, "endpoint readmitted");
+            tracing::info!(
+                upstream = &*self.name,
+                endpoint = &*endpoint.address,
+                "endpoint readmitted"
+            );
             self.rebuild(now);
         }
     }
@@ -536,7 +543,12 @@ impl EndpointSet {
 
     /// Records the breaker state plugin `plugin` reports for the upstream
     /// (`endpoint` none) or one endpoint.
-    pub(crate) fn report_circuit(&self, plugin: &Arc<str>, endpoint: Option<u32>, state: CircuitState) {
+    pub(crate) fn report_circuit(
+        &self,
+        plugin: &Arc<str>,
+        endpoint: Option<u32>,
+        state: CircuitState,
+    ) {
         let mut circuits = self
             .circuits
             .lock()
@@ -583,7 +595,8 @@ impl EndpointSet {
                     plugin.to_string(),
                     CircuitStatus {
                         state: entry.state,
-                        for_ms: u64::try_from(entry.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        for_ms: u64::try_from(entry.since.elapsed().as_millis())
+                            .unwrap_or(u64::MAX),
                         opened: entry.opened,
                     },
                 )

@@ -15,10 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use checks::HealthChecks;
 pub(crate) use checks::{HealthCheck, Probe};
-pub(crate) use retry::{Backoff, RetryBudget, RetryOn, RetryPolicy, TryResult};
 pub(crate) use endpoints::{
     CandidateSet, CircuitState, CircuitStatus, Endpoint, EndpointSet, EndpointStatus, Passive,
 };
+pub(crate) use retry::{Backoff, RetryBudget, RetryOn, RetryPolicy, TryResult};
 
 use crate::config::UpstreamConfig;
 use crate::plugin::Plugin;

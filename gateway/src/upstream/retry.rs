@@ -129,7 +129,12 @@ impl RetryPolicy {
     /// that may have reached the upstream are retried only when idempotent;
     /// a request whose body was (partly) sent is never retried. The budget
     /// is not consulted here: see [`RetryBudget::try_withdraw`].
-    pub(crate) fn is_retriable(&self, result: TryResult, method: &Method, body_replayable: bool) -> bool {
+    pub(crate) fn is_retriable(
+        &self,
+        result: TryResult,
+        method: &Method,
+        body_replayable: bool,
+    ) -> bool {
         if !body_replayable {
             return false;
         }
@@ -305,7 +310,11 @@ mod tests {
         assert!(!p.is_retriable(TryResult::Failed(ErrorKind::UpstreamError), &post, true));
         assert!(!p.is_retriable(TryResult::Answered(StatusCode::BAD_GATEWAY), &post, true));
         assert!(
-            !p.is_retriable(TryResult::Failed(ErrorKind::ConnectFailed), &Method::GET, false),
+            !p.is_retriable(
+                TryResult::Failed(ErrorKind::ConnectFailed),
+                &Method::GET,
+                false
+            ),
             "a body that cannot be sent again is never retried"
         );
     }
