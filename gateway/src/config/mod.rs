@@ -958,7 +958,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
 
-    fn errors(text: &str) -> Vec<String> {
+    /// The problems with manifest `text`, as `key: message`.
+    pub(super) fn errors(text: &str) -> Vec<String> {
         match Config::parse(text, Path::new("t.toml")) {
             Ok(_) => vec![],
             Err(e) => e

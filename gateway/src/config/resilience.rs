@@ -295,25 +295,13 @@ impl Validator<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
-    use crate::Config;
-
     /// Problems with `upstream` lines added to a good manifest, as `key: message`.
     fn errors(upstream: &str) -> Vec<String> {
-        let text = format!(
+        super::super::tests::errors(&format!(
             "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
              [upstream.api]\nendpoints = [\"127.0.0.1:9101\"]\n{upstream}\n\
              [[route]]\nname = \"api\"\nupstream = \"api\"\n"
-        );
-        match Config::parse(&text, Path::new("t.toml")) {
-            Ok(_) => vec![],
-            Err(e) => e
-                .problems()
-                .iter()
-                .map(|p| format!("{}: {}", p.key, p.message))
-                .collect(),
-        }
+        ))
     }
 
     #[test]
