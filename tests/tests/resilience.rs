@@ -375,6 +375,7 @@ async fn the_budget_caps_retry_amplification_in_a_full_outage() -> anyhow::Resul
     .await?;
     let sent = load(budgeted.addr("web"), REQUESTS).await?;
     let reached = down0.requests() + down1.requests();
+    eprintln!("budget 20%: {reached} requests reached the backends for {REQUESTS} sent");
     assert_eq!(sent, REQUESTS);
     // 20% of the requests, plus the few that may race past the cap.
     let ceiling = REQUESTS + REQUESTS / 5 + 8;
@@ -392,6 +393,7 @@ async fn the_budget_caps_retry_amplification_in_a_full_outage() -> anyhow::Resul
     .await?;
     load(unbounded.addr("web"), REQUESTS).await?;
     let reached = down0.requests() + down1.requests() - before0 - before1;
+    eprintln!("no budget: {reached} requests reached the backends for {REQUESTS} sent");
     assert_eq!(reached, 3 * REQUESTS);
     Ok(())
 }
