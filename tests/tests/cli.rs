@@ -403,6 +403,8 @@ fn sigterm_drains_an_in_flight_request_then_exits_zero() {
     // The request is in flight once the backend has it; give it a moment to get there.
     thread::sleep(Duration::from_millis(300));
     gateway.signal("TERM");
+    // Each of the two workers closes its own listening socket and says so.
+    gateway.wait_for("stopped accepting", Duration::from_secs(5));
     gateway.wait_for("stopped accepting", Duration::from_secs(5));
     // New connections are refused while draining.
     assert!(
