@@ -52,13 +52,8 @@ impl RequestState {
     /// A copy of the head without extensions, for hooks that run after the
     /// original went upstream.
     pub(crate) fn copy_head(&self) -> RequestState {
-        let mut parts = http::Request::new(()).into_parts().0;
-        parts.method = self.parts.method.clone();
-        parts.uri = self.parts.uri.clone();
-        parts.version = self.parts.version;
-        parts.headers = self.parts.headers.clone();
         RequestState {
-            parts,
+            parts: copy_parts(&self.parts),
             client_ip: self.client_ip,
             https: self.https,
             route: self.route.clone(),
@@ -66,6 +61,16 @@ impl RequestState {
             endpoint: self.endpoint,
         }
     }
+}
+
+/// A copy of a request head without its extensions (which cannot be cloned).
+pub(crate) fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut copy = http::Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
 }
 
 /// Type of the `request` resource: the data lives in [`Ctx::request`].

@@ -17,7 +17,7 @@ use super::activity::Activity;
 use super::body::{RequestBody, RequestBodyError, ResponseBody, UnsentBody};
 use super::forward::{self, ClientHop};
 use crate::plugin::chain::{LocalReply, Verdict, apply_on_error};
-use crate::plugin::host::RequestState;
+use crate::plugin::host::{RequestState, copy_parts};
 use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::{self, AccessRecord};
@@ -450,16 +450,6 @@ async fn pick_endpoint<'a>(
         return (request, Ok(endpoints.pick_weighted_untried(tried)));
     }
     (request, Ok(picked))
-}
-
-/// A copy of a request head without its extensions, for one try.
-fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
-    let mut copy = http::Request::new(()).into_parts().0;
-    copy.method = parts.method.clone();
-    copy.uri = parts.uri.clone();
-    copy.version = parts.version;
-    copy.headers = parts.headers.clone();
-    copy
 }
 
 /// The outcome record policies learn from.
