@@ -31,6 +31,7 @@ pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Pol
         memory_bytes: 64 << 20,
         reuse_instances: true,
         pool_size: 8,
+        geo: None,
     };
     if !pooling {
         return Plugin::load(spec).map(Policy).map_err(|e| e.to_string());
@@ -46,17 +47,20 @@ pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Pol
 
 /// A request head as the chain sees it.
 pub fn request(req: http::Request<()>) -> Request {
+    let upstream = Arc::new(crate::upstream::EndpointSet::new(
+        "app",
+        &[],
+        crate::upstream::Passive::default(),
+    ));
     Request(RequestState {
         parts: req.into_parts().0,
         client_ip: IpAddr::from([127, 0, 0, 1]),
         https: false,
         route: Arc::from("bench"),
-        upstream: Arc::new(crate::upstream::EndpointSet::new(
-            "app",
-            &[],
-            crate::upstream::Passive::default(),
-        )),
+        directory: Arc::from([upstream.clone()]),
+        upstream,
         endpoint: None,
+        delay: std::time::Duration::ZERO,
     })
 }
 

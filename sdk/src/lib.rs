@@ -73,6 +73,7 @@ pub use wit::types::{
 };
 
 pub mod balance;
+pub mod net;
 
 /// A policy: configured once per instance by [`init`](Policy::init), then
 /// called for each request through the hooks its world exports.
@@ -169,11 +170,14 @@ impl From<Reply> for Action {
     }
 }
 
-/// Shared state kept by the host, scoped to the plugin: atomic counters and
-/// compare-and-swap values with an optional TTL. Every instance and every
-/// gateway worker sees the same values.
+/// Shared state kept by the host, scoped to the plugin: atomic counters,
+/// compare-and-swap values with an optional TTL, and GCRA rate limits
+/// ([`throttle`](state::throttle)). Every instance and every gateway worker
+/// sees the same values.
 pub mod state {
-    pub use crate::wit::state::{compare_and_swap, counter_add, get, remove};
+    pub use crate::wit::state::{
+        ThrottleResult, compare_and_swap, counter_add, get, remove, throttle,
+    };
 }
 
 /// Time, as the host sees it.
@@ -223,9 +227,10 @@ pub mod metrics {
 
 /// The endpoints of the upstream a hook is about: eject one (outlier
 /// detection), readmit it, and report a circuit breaker's state for
-/// `GET /upstreams`.
+/// `GET /upstreams`; and how many endpoints of any upstream are healthy
+/// ([`healthy`](health::healthy)), for failover between upstreams.
 pub mod health {
-    pub use crate::wit::health::{Circuit, eject, readmit, report};
+    pub use crate::wit::health::{Circuit, eject, healthy, readmit, report};
 }
 
 /// Country and continent of an IP address, from the gateway's geo database.

@@ -17,6 +17,7 @@ use serde::de::{self, Deserializer, Visitor};
 pub(crate) struct ManifestFile {
     pub(crate) admin: Option<AdminFile>,
     pub(crate) server: Option<ServerFile>,
+    pub(crate) geo: Option<GeoFile>,
     #[serde(default)]
     pub(crate) listener: Vec<ListenerFile>,
     #[serde(default)]
@@ -153,6 +154,14 @@ pub(crate) struct RetriesFile {
 pub(crate) struct BudgetFile {
     pub(crate) percent: Option<u32>,
     pub(crate) min_per_sec: Option<u32>,
+}
+
+/// `[geo]`: the database behind the `geo` host import.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GeoFile {
+    /// A MaxMind-format (`.mmdb`) file, relative to the manifest's directory.
+    pub(crate) database: String,
 }
 
 /// `[admin]`.

@@ -18,12 +18,13 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 use crate::plugin::chain::Chain;
+use crate::plugin::geo::GeoDatabase;
 use crate::plugin::{OnError, Plugin, PluginError, PluginSpec, Source};
 use crate::route::{HostMatch, PathMatch, Route, RouteMatch, RouteTable};
 use crate::upstream::{EndpointSet, HealthCheck, HealthChecks, Passive, RetryPolicy};
 use file::{
-    AdminFile, EndpointFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile, PluginFile,
-    RouteFile, UpstreamFile,
+    AdminFile, EndpointFile, GeoFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile,
+    PluginFile, RouteFile, UpstreamFile,
 };
 
 /// Default bound on draining in-flight requests at shutdown.
@@ -212,6 +213,7 @@ impl Config {
             base,
             problems: Vec::new(),
             plugins: BTreeMap::new(),
+            geo: None,
         }
         .validate(manifest, origin)
     }
@@ -308,6 +310,8 @@ struct Validator<'a> {
     problems: Vec<Problem>,
     /// Plugins loaded so far, by name.
     plugins: BTreeMap<String, Arc<Plugin>>,
+    /// The `[geo] database`, opened before any plugin loads.
+    geo: Option<Arc<GeoDatabase>>,
 }
 
 impl Validator<'_> {
@@ -320,6 +324,9 @@ impl Validator<'_> {
 
     fn validate(mut self, manifest: ManifestFile, origin: &Path) -> Result<Config, ConfigError> {
         let admin = manifest.admin.as_ref().and_then(|a| self.admin(a));
+        if let Some(geo) = &manifest.geo {
+            self.geo(geo);
+        }
         for (name, plugin) in &manifest.plugin {
             self.plugin(name, plugin);
         }
@@ -594,6 +601,15 @@ impl Validator<'_> {
         Some(AdminConfig { addr, token })
     }
 
+    /// Opens `[geo] database` (relative to the manifest's directory).
+    fn geo(&mut self, file: &GeoFile) {
+        let path = self.base.join(&file.database);
+        match GeoDatabase::open(&path) {
+            Ok(database) => self.geo = Some(Arc::new(database)),
+            Err(message) => self.problem("geo.database", message),
+        }
+    }
+
     /// Loads `[plugin.NAME]`, recording a problem at the key that caused a failure.
     fn plugin(&mut self, name: &str, file: &PluginFile) {
         let key = format!("plugin.{name}");
@@ -641,6 +657,7 @@ impl Validator<'_> {
             memory_bytes: usize::try_from(memory).unwrap_or(usize::MAX),
             reuse_instances: !matches!(file.instances, Some(InstancesFile::PerRequest)),
             pool_size: file.pool_size.unwrap_or(DEFAULT_PLUGIN_POOL),
+            geo: self.geo.clone(),
         };
         self.load_plugin(&key, spec);
     }
@@ -685,6 +702,7 @@ impl Validator<'_> {
                     memory_bytes: usize::try_from(DEFAULT_PLUGIN_MEMORY).unwrap_or(usize::MAX),
                     reuse_instances: true,
                     pool_size: DEFAULT_PLUGIN_POOL,
+                    geo: self.geo.clone(),
                 };
                 self.load_plugin(key, spec)?
             }
@@ -981,6 +999,26 @@ mod tests {
         match = { path_prefix = "/v1/" }
         upstream = "api"
     "#;
+
+    #[test]
+    fn the_geo_database_is_opened_or_named() {
+        let missing = format!("[geo]\ndatabase = \"no/such.mmdb\"\n{GOOD}");
+        let problems = errors(&missing);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("geo.database: cannot read"),
+            "{problems:?}"
+        );
+        let bundled =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/geo/geo-whois-asn-country.mmdb");
+        let good = format!(
+            "[geo]\ndatabase = {:?}\n{GOOD}",
+            bundled.display().to_string()
+        );
+        assert_eq!(errors(&good), Vec::<String>::new());
+        let typo = format!("[geo]\ndatabse = \"x\"\n{GOOD}");
+        assert!(errors(&typo)[0].contains("databse"), "{:?}", errors(&typo));
+    }
 
     #[test]
     fn a_good_manifest_parses() {

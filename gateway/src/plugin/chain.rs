@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::host::RequestState;
 use super::{Action, HookError, OnError, Outcome, Plugin, Reply};
-use crate::upstream::EndpointSet;
+use crate::upstream::{Directory, EndpointSet};
 
 /// The policies of one route, in manifest order.
 #[derive(Debug, Clone, Default)]
@@ -145,6 +145,7 @@ impl Chain {
         &self,
         balancer: Option<&Arc<Plugin>>,
         upstream: &Arc<EndpointSet>,
+        directory: &Directory,
         outcome: &Outcome,
     ) {
         let hooks = balancer
@@ -152,7 +153,7 @@ impl Chain {
             .chain(self.policies.iter())
             .filter(|p| p.has_outcome_hook());
         for plugin in hooks {
-            if let Err(failure) = plugin.on_outcome(upstream, outcome).await {
+            if let Err(failure) = plugin.on_outcome(upstream, directory, outcome).await {
                 tracing::warn!(
                     plugin = &*plugin.name,
                     hook = "on-outcome",

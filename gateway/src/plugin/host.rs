@@ -1,6 +1,6 @@
 //! Per-instance store data and the host side of every WIT import: the
 //! request, response, upstream and candidates resources, shared state, clock,
-//! random, log, metrics and geo.
+//! random, log, metrics, geo and health.
 //!
 //! The request a hook sees is not copied into the guest: the chain moves the
 //! request head into the instance's store for the call ([`Ctx::request`]) and
@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use wasmtime::component::{Resource, ResourceTable};
@@ -16,8 +16,13 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::sluice::policy::{clock, geo, health, log, metrics, random, state, types};
+use super::geo::GeoDatabase;
 use super::scope::PluginScope;
-use crate::upstream::{CandidateSet, CircuitState, EndpointSet, Passive};
+use super::state::Rate;
+use crate::upstream::{CandidateSet, CircuitState, Directory, EndpointSet, Passive};
+
+/// The longest hold `request.delay` may ask for.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(60);
 
 /// A request head lent to a hook call.
 #[derive(Debug)]
@@ -34,6 +39,10 @@ pub(crate) struct RequestState {
     pub(crate) upstream: Arc<EndpointSet>,
     /// The endpoint the balancer picked, once it has.
     pub(crate) endpoint: Option<SocketAddr>,
+    /// Every upstream of the config serving the request, for `health.healthy`.
+    pub(crate) directory: Directory,
+    /// How long to hold the request before forwarding (`request.delay`).
+    pub(crate) delay: Duration,
 }
 
 impl RequestState {
@@ -46,6 +55,8 @@ impl RequestState {
             route: Arc::from(""),
             upstream: Arc::new(EndpointSet::new("", &[], Passive::default())),
             endpoint: None,
+            directory: Arc::from([]),
+            delay: Duration::ZERO,
         }
     }
 
@@ -59,6 +70,8 @@ impl RequestState {
             route: self.route.clone(),
             upstream: self.upstream.clone(),
             endpoint: self.endpoint,
+            directory: self.directory.clone(),
+            delay: self.delay,
         }
     }
 }
@@ -95,12 +108,20 @@ pub(crate) struct Ctx {
     pub(crate) response: Option<http::response::Parts>,
     pub(crate) upstream: Option<Arc<EndpointSet>>,
     pub(crate) candidates: Option<Arc<CandidateSet>>,
+    /// The config's upstreams, lent to `on-outcome` (other hooks read the request's).
+    pub(crate) directory: Option<Directory>,
+    /// The `[geo] database`, when the manifest names one.
+    geo: Option<Arc<GeoDatabase>>,
 }
 
 impl Ctx {
     /// Store data for a new instance of the plugin in `scope`, with linear
-    /// memory capped at `memory_bytes`.
-    pub(crate) fn new(scope: Arc<PluginScope>, memory_bytes: usize) -> Ctx {
+    /// memory capped at `memory_bytes`, answering `geo.lookup` from `geo`.
+    pub(crate) fn new(
+        scope: Arc<PluginScope>,
+        memory_bytes: usize,
+        geo: Option<Arc<GeoDatabase>>,
+    ) -> Ctx {
         // No preopened directories, no environment, no arguments, no stdin;
         // stdout/stderr discarded; no sockets of any kind.
         let wasi = WasiCtx::builder()
@@ -126,6 +147,8 @@ impl Ctx {
             response: None,
             upstream: None,
             candidates: None,
+            directory: None,
+            geo,
         }
     }
 
@@ -332,6 +355,13 @@ impl types::HostRequest for Ctx {
         Ok(())
     }
 
+    fn delay(&mut self, _: Resource<RequestHandle>, ms: u32) -> wasmtime::Result<()> {
+        let request = self.request()?;
+        let hold = Duration::from_millis(u64::from(ms)).min(MAX_DELAY);
+        request.delay = request.delay.max(hold);
+        Ok(())
+    }
+
     fn drop(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<()> {
         // The host only lends borrows; there is nothing owned to free.
         Ok(())
@@ -507,6 +537,32 @@ impl state::Host for Ctx {
         self.scope.state.remove(&key);
         Ok(())
     }
+
+    async fn throttle(
+        &mut self,
+        key: String,
+        interval_ns: u64,
+        burst: u32,
+        cost: u32,
+    ) -> wasmtime::Result<state::ThrottleResult> {
+        let rate = Rate {
+            interval: Duration::from_nanos(interval_ns),
+            burst,
+        };
+        let decision = self.scope.state.throttle(&key, rate, cost);
+        Ok(state::ThrottleResult {
+            allowed: decision.allowed,
+            remaining: decision.remaining,
+            retry_after_ms: ceil_ms(decision.retry_after),
+            reset_ms: ceil_ms(decision.reset),
+            ahead_ms: ceil_ms(decision.ahead),
+        })
+    }
+}
+
+/// `duration` in whole milliseconds, rounded up.
+fn ceil_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 /// The origin of `clock.monotonic-ns`.
@@ -569,16 +625,30 @@ impl metrics::Host for Ctx {
 }
 
 impl geo::Host for Ctx {
-    fn lookup(&mut self, _ip: String) -> wasmtime::Result<geo::Location> {
-        // No database ships yet: every address is unknown.
+    fn lookup(&mut self, ip: String) -> wasmtime::Result<geo::Location> {
+        let place = match (&self.geo, ip.trim().parse::<IpAddr>()) {
+            (Some(database), Ok(ip)) => database.lookup(ip),
+            _ => super::geo::Place::default(),
+        };
         Ok(geo::Location {
-            country: None,
-            continent: None,
+            country: place.country,
+            continent: place.continent,
         })
     }
 }
 
 impl health::Host for Ctx {
+    fn healthy(&mut self, upstream: String) -> wasmtime::Result<Option<u32>> {
+        let directory = self
+            .request
+            .as_ref()
+            .map(|r| &r.directory)
+            .or(self.directory.as_ref());
+        Ok(directory
+            .and_then(|d| d.iter().find(|u| *u.name == *upstream))
+            .map(|u| u.healthy()))
+    }
+
     fn eject(&mut self, id: u32, duration_ms: u64, max_percent: u32) -> wasmtime::Result<bool> {
         Ok(self.current_upstream().is_some_and(|u| {
             u.eject(

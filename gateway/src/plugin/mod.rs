@@ -16,7 +16,9 @@
 mod bindings;
 pub(crate) mod builtin;
 pub(crate) mod chain;
+mod continents;
 pub(crate) mod engine;
+pub(crate) mod geo;
 pub(crate) mod host;
 pub(crate) mod scope;
 mod state;
@@ -31,7 +33,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::component::{InstancePre, Resource};
 use wasmtime::{Store, UpdateDeadline};
 
-use crate::upstream::{CandidateSet, EndpointSet};
+use crate::upstream::{CandidateSet, Directory, EndpointSet};
 use bindings::exports::sluice::policy::{
     balance, configure, outcome_hook, request_hook, response_hook,
 };
@@ -113,6 +115,8 @@ pub(crate) struct PluginSpec {
     pub(crate) reuse_instances: bool,
     /// Most idle instances kept ready.
     pub(crate) pool_size: usize,
+    /// The manifest's `[geo] database`, answering `geo.lookup`.
+    pub(crate) geo: Option<Arc<geo::GeoDatabase>>,
 }
 
 /// Why a plugin could not be loaded.
@@ -306,7 +310,11 @@ impl Plugin {
     async fn instantiate(&self) -> Result<Instance, InstantiateError> {
         let mut store = Store::new(
             &self.engine,
-            Ctx::new(self.scope.clone(), self.spec.memory_bytes),
+            Ctx::new(
+                self.scope.clone(),
+                self.spec.memory_bytes,
+                self.spec.geo.clone(),
+            ),
         );
         store.limiter(Ctx::limiter);
         // Each epoch tick past the deadline check: yield to other requests
@@ -411,6 +419,7 @@ impl Plugin {
             ctx.response = None;
             ctx.upstream = None;
             ctx.candidates = None;
+            ctx.directory = None;
             // A full pool drops the surplus instance.
             let _ = self.pool.push(instance);
         }
@@ -518,10 +527,11 @@ impl Plugin {
         }
     }
 
-    /// Runs `on-outcome` for an exchange with `upstream`.
+    /// Runs `on-outcome` for an exchange with `upstream`, one of `directory`.
     pub(crate) async fn on_outcome(
         &self,
         upstream: &Arc<EndpointSet>,
+        directory: &Directory,
         outcome: &Outcome,
     ) -> Result<(), HookError> {
         let mut instance = self.acquire().await?;
@@ -529,7 +539,9 @@ impl Plugin {
             self.release(instance);
             return Ok(());
         };
-        instance.store.data_mut().upstream = Some(upstream.clone());
+        let ctx = instance.store.data_mut();
+        ctx.upstream = Some(upstream.clone());
+        ctx.directory = Some(directory.clone());
         let started = self.arm(&mut instance);
         let called = hook.call_on_outcome(&mut instance.store, outcome).await;
         self.settle(started, called)?;

@@ -1,5 +1,6 @@
-//! Shared state behind the `state` host imports: counters and
-//! compare-and-swap values with expiry, one store per plugin name.
+//! Shared state behind the `state` host imports: counters,
+//! compare-and-swap values with expiry, and GCRA rate limits, one store per
+//! plugin name.
 //!
 //! Every instance of a plugin, on every worker thread, sees the same store
 //! (it lives in the plugin's [`super::scope::PluginScope`]), so instances stay
@@ -26,6 +27,63 @@ struct Slot {
 enum Value {
     Counter(i64),
     Text(Box<str>),
+    /// A rate limit's theoretical arrival time (GCRA).
+    Arrival(Instant),
+}
+
+/// What [`StateStore::throttle`] decided; see the WIT `state.throttle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Throttled {
+    pub(crate) allowed: bool,
+    pub(crate) remaining: u64,
+    pub(crate) retry_after: Duration,
+    pub(crate) reset: Duration,
+    pub(crate) ahead: Duration,
+}
+
+/// A rate limit's parameters: one call per `interval`, `burst` beyond.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rate {
+    pub(crate) interval: Duration,
+    pub(crate) burst: u32,
+}
+
+impl Rate {
+    /// GCRA on one key whose theoretical arrival time is `tat` (`None`: a
+    /// fresh key). Returns the decision and, when calls were counted, the
+    /// new arrival time.
+    fn decide(self, now: Instant, tat: Option<Instant>, cost: u32) -> (Throttled, Option<Instant>) {
+        let interval = self.interval.max(Duration::from_nanos(1));
+        // How far ahead of now the arrival time may run: the burst plus the call itself.
+        let window = interval.saturating_mul(self.burst.saturating_add(1));
+        let tat = tat.filter(|t| *t > now).unwrap_or(now);
+        let ahead = tat - now;
+        let next = ahead.saturating_add(interval.saturating_mul(cost));
+        let fits = |used: Duration| {
+            let left = window.saturating_sub(used);
+            u64::try_from(left.as_nanos() / interval.as_nanos()).unwrap_or(u64::MAX)
+        };
+        if next <= window {
+            let counted = (cost > 0).then(|| now + next);
+            let decision = Throttled {
+                allowed: true,
+                remaining: fits(next),
+                retry_after: Duration::ZERO,
+                reset: next,
+                ahead,
+            };
+            (decision, counted)
+        } else {
+            let decision = Throttled {
+                allowed: false,
+                remaining: fits(ahead),
+                retry_after: next - window,
+                reset: ahead,
+                ahead: Duration::ZERO,
+            };
+            (decision, None)
+        }
+    }
 }
 
 impl Slot {
@@ -100,10 +158,11 @@ impl StateStore {
         if !slot.live(now) {
             return None;
         }
-        Some(match &slot.value {
-            Value::Counter(n) => n.to_string(),
-            Value::Text(text) => text.to_string(),
-        })
+        match &slot.value {
+            Value::Counter(n) => Some(n.to_string()),
+            Value::Text(text) => Some(text.to_string()),
+            Value::Arrival(_) => None,
+        }
     }
 
     /// Stores `value` if the current value is `expected`; see the WIT
@@ -130,10 +189,11 @@ impl StateStore {
             },
             Entry::Occupied(mut occupied) => {
                 let slot = occupied.get_mut();
-                let current = slot.live(now).then(|| match &slot.value {
-                    Value::Counter(n) => n.to_string(),
-                    Value::Text(text) => text.to_string(),
-                });
+                let current = match (&slot.value, slot.live(now)) {
+                    (Value::Counter(n), true) => Some(n.to_string()),
+                    (Value::Text(text), true) => Some(text.to_string()),
+                    _ => None,
+                };
                 if current.as_deref() == expected {
                     *slot = fresh();
                     Ok(())
@@ -147,6 +207,44 @@ impl StateStore {
     /// Removes `key`.
     pub(crate) fn remove(&self, key: &str) {
         self.entries.remove(key);
+    }
+
+    /// Applies the rate limit `rate` to `cost` calls on `key`, atomically;
+    /// see the WIT `state.throttle`. The key expires when the limit is full
+    /// again. A key holding a counter or text starts afresh.
+    pub(crate) fn throttle(&self, key: &str, rate: Rate, cost: u32) -> Throttled {
+        let now = Instant::now();
+        let apply = |slot: &mut Slot| {
+            let tat = match slot.value {
+                Value::Arrival(at) if slot.live(now) => Some(at),
+                _ => None,
+            };
+            let (decision, counted) = rate.decide(now, tat, cost);
+            if let Some(at) = counted {
+                *slot = Slot {
+                    value: Value::Arrival(at),
+                    expires: Some(at),
+                };
+            }
+            decision
+        };
+        // Fast path: the key exists; no allocation.
+        if let Some(mut slot) = self.entries.get_mut(key) {
+            return apply(&mut slot);
+        }
+        match self.entries.entry(Box::from(key)) {
+            Entry::Occupied(mut occupied) => apply(occupied.get_mut()),
+            Entry::Vacant(vacant) => {
+                let (decision, counted) = rate.decide(now, None, cost);
+                if let Some(at) = counted {
+                    vacant.insert(Slot {
+                        value: Value::Arrival(at),
+                        expires: Some(at),
+                    });
+                }
+                decision
+            }
+        }
     }
 }
 
@@ -166,6 +264,87 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(store.get("w"), None, "expired counters read as absent");
         assert_eq!(store.counter_add("w", 1, 30), 1, "a new window starts at 0");
+    }
+
+    fn rate(per_second: u64, burst: u32) -> Rate {
+        Rate {
+            interval: Duration::from_nanos(1_000_000_000 / per_second),
+            burst,
+        }
+    }
+
+    #[test]
+    fn gcra_admits_the_burst_then_the_rate() {
+        let limit = rate(10, 2);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Three at once: the call itself plus a burst of two.
+        let (first, tat) = limit.decide(t0, None, 1);
+        assert!(first.allowed);
+        assert_eq!(
+            (first.remaining, first.ahead, first.reset),
+            (2, ms(0), ms(100))
+        );
+        let (second, tat) = limit.decide(t0, tat, 1);
+        assert_eq!(
+            (second.allowed, second.remaining, second.ahead),
+            (true, 1, ms(100))
+        );
+        let (third, tat) = limit.decide(t0, tat, 1);
+        assert_eq!(
+            (third.allowed, third.remaining, third.ahead),
+            (true, 0, ms(200))
+        );
+        assert_eq!(third.reset, ms(300));
+        let (fourth, none) = limit.decide(t0, tat, 1);
+        assert!(!fourth.allowed);
+        assert_eq!(none, None, "a refused call is not counted");
+        assert_eq!((fourth.retry_after, fourth.remaining), (ms(100), 0));
+        // 100 ms later one more fits, and only one.
+        let (later, tat) = limit.decide(t0 + ms(100), tat, 1);
+        assert!(later.allowed);
+        assert!(!limit.decide(t0 + ms(100), tat, 1).0.allowed);
+        // After 300 ms idle the whole burst is back.
+        let (idle, _) = limit.decide(t0 + ms(500), tat, 0);
+        assert_eq!((idle.allowed, idle.remaining, idle.reset), (true, 3, ms(0)));
+    }
+
+    #[test]
+    fn gcra_costs_and_peeks() {
+        let limit = rate(1, 4);
+        let t0 = Instant::now();
+        let (big, tat) = limit.decide(t0, None, 5);
+        assert!(big.allowed, "cost 5 fits a burst of 4 plus 1");
+        assert_eq!(big.remaining, 0);
+        let (peek, unchanged) = limit.decide(t0, tat, 0);
+        assert_eq!((peek.allowed, peek.remaining, unchanged), (true, 0, None));
+        let (too_much, _) = limit.decide(t0, None, 6);
+        assert!(!too_much.allowed);
+        assert_eq!(too_much.retry_after, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn throttle_keys_are_shared_and_expire() {
+        let store = StateStore::default();
+        let limit = Rate {
+            interval: Duration::from_millis(20),
+            burst: 1,
+        };
+        assert!(store.throttle("ip:1", limit, 1).allowed);
+        assert!(store.throttle("ip:1", limit, 1).allowed);
+        assert!(!store.throttle("ip:1", limit, 1).allowed);
+        assert!(
+            store.throttle("ip:2", limit, 1).allowed,
+            "keys are separate"
+        );
+        assert_eq!(store.get("ip:1"), None, "a limit does not read as text");
+        std::thread::sleep(Duration::from_millis(50));
+        store.sweep_expired();
+        assert!(
+            store.entries.get("ip:1").is_none(),
+            "a full limit's key is dropped"
+        );
+        assert_eq!(store.throttle("ip:1", limit, 1).remaining, 1);
     }
 
     #[test]

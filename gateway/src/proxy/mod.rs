@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ListenerConfig};
 use crate::route::RouteTable;
-use crate::upstream::Upstream;
+use crate::upstream::{Directory, Upstream};
 pub use body::ResponseBody;
 use service::ConnectionContext;
 
@@ -39,13 +39,17 @@ const LISTEN_BACKLOG: i32 = 4096;
 pub(crate) struct Tables {
     pub(crate) routes: RouteTable,
     pub(crate) upstreams: Vec<Upstream>,
+    /// Every upstream's endpoints, lent to policies (`health.healthy`).
+    pub(crate) directory: Directory,
 }
 
 impl Tables {
     fn new(config: &Config) -> Self {
+        let upstreams: Vec<Upstream> = config.upstreams.iter().map(Upstream::new).collect();
         Tables {
             routes: config.routes.clone(),
-            upstreams: config.upstreams.iter().map(Upstream::new).collect(),
+            directory: upstreams.iter().map(|u| u.endpoints.clone()).collect(),
+            upstreams,
         }
     }
 }

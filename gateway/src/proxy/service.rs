@@ -54,6 +54,8 @@ struct Outcome {
     policy: Option<Arc<str>>,
     /// Tries made upstream (more than 1 when retried).
     attempts: u32,
+    /// How long a policy held the request before it was forwarded (`request.delay`).
+    delayed: Duration,
 }
 
 /// hyper's entry point for each request on a connection.
@@ -96,6 +98,7 @@ pub(crate) async fn handle(
         error: outcome.error,
         policy: outcome.policy,
         attempts: (outcome.attempts > 1).then_some(outcome.attempts),
+        delayed_ms: (!outcome.delayed.is_zero()).then_some(outcome.delayed.as_secs_f64() * 1000.0),
         bytes_sent: 0,
         body_complete: false,
         upstream_body_error: false,
@@ -165,6 +168,8 @@ async fn proxy(
         route: route.name.clone(),
         upstream: upstream.endpoints.clone(),
         endpoint: None,
+        directory: tables.directory.clone(),
+        delay: Duration::ZERO,
     };
 
     // Policies: admit, answer, rewrite, steer.
@@ -203,6 +208,11 @@ async fn proxy(
         }
     }
     outcome.upstream = Some(upstream.name.clone());
+    // Pacing asked for by a policy (a rate limit without `nodelay`).
+    if !request.delay.is_zero() {
+        outcome.delayed = request.delay;
+        tokio::time::sleep(request.delay).await;
+    }
 
     // Balance, forward, and retry when the upstream's `retries` allow.
     let endpoints = &upstream.endpoints;
@@ -258,7 +268,9 @@ async fn proxy(
                         Err(ErrorKind::NoEndpoint),
                         Duration::ZERO,
                     );
-                    chain.on_outcome(balancer, endpoints, &report).await;
+                    chain
+                        .on_outcome(balancer, endpoints, &tables.directory, &report)
+                        .await;
                 }
                 return local(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -337,7 +349,9 @@ async fn proxy(
             };
             let report =
                 policy_outcome(&route.name, &upstream.name, Some(endpoint), status, latency);
-            chain.on_outcome(balancer, endpoints, &report).await;
+            chain
+                .on_outcome(balancer, endpoints, &tables.directory, &report)
+                .await;
         }
 
         let Some(retries) = retries.filter(|_| !last_chance) else {

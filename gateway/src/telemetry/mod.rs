@@ -63,6 +63,8 @@ pub(crate) struct AccessRecord {
     pub(crate) policy: Option<Arc<str>>,
     /// Tries made upstream, when it was retried (more than one).
     pub(crate) attempts: Option<u32>,
+    /// How long a policy held the request before forwarding it, when it did.
+    pub(crate) delayed_ms: Option<f64>,
     pub(crate) bytes_sent: u64,
     pub(crate) body_complete: bool,
     pub(crate) upstream_body_error: bool,
@@ -90,6 +92,7 @@ impl AccessRecord {
             policy = self.policy.as_deref(),
             upstream_ms = self.upstream_ms,
             attempts = self.attempts,
+            delayed_ms = self.delayed_ms,
             duration_ms,
             bytes_sent = self.bytes_sent,
             completed = self.body_complete && !self.upstream_body_error,

@@ -186,6 +186,8 @@ pub(crate) struct CandidateSet {
     /// When the set may change by itself (a down endpoint's time is up), ms
     /// since the epoch; `u64::MAX` when nothing is pending.
     valid_until_ms: u64,
+    /// How many endpoints, primaries and backups, are healthy.
+    healthy: u32,
 }
 
 impl CandidateSet {
@@ -347,6 +349,12 @@ impl EndpointSet {
         let set = Arc::new(build_candidates(&self.name, &self.endpoints, now_ms));
         self.candidates.store(set.clone());
         set
+    }
+
+    /// How many endpoints are healthy now, primaries and backups (0: the
+    /// balancers are in panic mode).
+    pub(crate) fn healthy(&self) -> u32 {
+        self.candidates().healthy
     }
 
     /// The next value of the upstream's rotation counter.
@@ -663,6 +671,7 @@ fn to_u32(value: f64) -> u32 {
 /// The candidates among `endpoints` at `now_ms`.
 fn build_candidates(name: &str, endpoints: &[Endpoint], now_ms: u64) -> CandidateSet {
     let up = |e: &&Endpoint| e.is_up(now_ms);
+    let healthy = u32::try_from(endpoints.iter().filter(up).count()).unwrap_or(u32::MAX);
     let mut chosen: Vec<&Endpoint> = endpoints.iter().filter(|e| !e.backup).filter(up).collect();
     if chosen.is_empty() {
         chosen = endpoints.iter().filter(|e| e.backup).filter(up).collect();
@@ -695,6 +704,7 @@ fn build_candidates(name: &str, endpoints: &[Endpoint], now_ms: u64) -> Candidat
         positions,
         fingerprint: hasher.finish(),
         valid_until_ms,
+        healthy,
     }
 }
 

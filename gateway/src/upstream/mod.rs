@@ -24,6 +24,10 @@ use crate::config::UpstreamConfig;
 use crate::plugin::Plugin;
 use crate::proxy::body::RequestBody;
 
+/// Every upstream's endpoints in one config, in manifest order: what
+/// `health.healthy` looks names up in.
+pub(crate) type Directory = Arc<[Arc<EndpointSet>]>;
+
 /// A live upstream as one worker sees it.
 #[derive(Debug)]
 pub(crate) struct Upstream {
