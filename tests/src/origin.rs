@@ -50,6 +50,9 @@ pub enum Mode {
     Status(u16),
     /// Waits this long, then answers with the status.
     DelayedStatus(Duration, u16),
+    /// Answers like [`Mode::Echo`], with these extra response headers
+    /// (`Server`, `X-Powered-By`, ...: what a policy may strip or keep).
+    EchoWithHeaders(&'static [(&'static str, &'static str)]),
 }
 
 /// A request as an origin saw it.
@@ -317,6 +320,18 @@ async fn handle(
         Mode::DelayedStatus(delay, code) => {
             tokio::time::sleep(delay).await;
             answer_status(req, code).await
+        }
+        Mode::EchoWithHeaders(extra) => {
+            let mut response = echo(&shared, req).await;
+            for &(name, value) in extra {
+                if let (Ok(name), Ok(value)) = (
+                    http::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    response.headers_mut().append(name, value);
+                }
+            }
+            response
         }
     };
     if let Ok(name) = HeaderValue::from_str(&shared.name) {
