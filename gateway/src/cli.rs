@@ -10,8 +10,8 @@ use std::sync::mpsc;
 
 use tokio::sync::watch;
 
-use crate::admin::{Admin, AdminHandle};
-use crate::{Config, Drained, Gateway, HealthChecks, Reloader, bind_for_workers, telemetry};
+use crate::admin::{Admin, Control};
+use crate::{Config, Drained, Gateway, Reloader, bind_for_workers, telemetry};
 
 /// Exit status for a manifest that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -174,28 +174,20 @@ fn run(path: &Path, workers: Option<usize>, demo: bool) -> ExitCode {
     }
     let served = control.block_on(async {
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin = match Admin::bind(&config).await {
-            None => None,
+        let control = Control::new(config.clone(), reloaders, config.start_health_checks());
+        match Admin::bind(&control).await {
+            None => {}
             Some(Ok(admin)) => {
                 if let Some(addr) = admin.local_addr() {
                     tracing::info!(%addr, "admin API listening");
                 }
-                let handle = admin.handle();
                 tokio::spawn(admin.serve(async move {
                     let _ = admin_stopped.await;
                 }));
-                Some(handle)
             }
             Some(Err(error)) => return Err(error.to_string()),
-        };
-        let checks = config.start_health_checks();
-        tokio::spawn(reload_on_sighup(
-            path.to_path_buf(),
-            config.clone(),
-            reloaders,
-            admin,
-            checks,
-        ));
+        }
+        tokio::spawn(reload_on_sighup(path.to_path_buf(), control));
         shutdown_signal().await;
         let _ = admin_stop.send(());
         Ok(())
@@ -296,44 +288,15 @@ fn print_demo_help(bound: &[(String, SocketAddr)], config: &Config) {
     }
 }
 
-async fn reload_on_sighup(
-    path: PathBuf,
-    mut current: Config,
-    reloaders: Vec<Reloader>,
-    admin: Option<AdminHandle>,
-    mut checks: HealthChecks,
-) {
+async fn reload_on_sighup(path: PathBuf, control: Control) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         tracing::warn!("cannot listen for SIGHUP; reload by restart only");
         return;
     };
     while hangups.recv().await.is_some() {
-        let loaded = tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || Config::load(&path)
-        })
-        .await;
-        match loaded {
-            Ok(Ok(config)) => {
-                if config.listener_addrs() != current.listener_addrs() {
-                    tracing::warn!("listener changes in the manifest take effect on restart only");
-                }
-                for reloader in &reloaders {
-                    reloader.apply(&config);
-                }
-                if let Some(admin) = &admin {
-                    admin.publish(&config);
-                }
-                // The new config's endpoints start fresh; the old checks stop.
-                drop(std::mem::replace(&mut checks, config.start_health_checks()));
-                tracing::info!(manifest = %path.display(), "reloaded routes and upstreams");
-                current = config;
-            }
-            Ok(Err(error)) => {
-                tracing::error!(error = %error, "reload refused; the running config keeps serving");
-            }
-            Err(error) => tracing::error!(%error, "reload failed"),
+        if let Err(error) = control.reload(&path).await {
+            tracing::error!(error = %error, "reload refused; the running config keeps serving");
         }
     }
 }

@@ -241,8 +241,20 @@ pub async fn fetch(addr: SocketAddr, request: Request<Full<Bytes>>) -> anyhow::R
 
 /// `GET path` on the admin API at `addr`, with `Authorization: Bearer token` when given.
 pub async fn admin_get(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<Reply> {
+    admin_send(addr, "GET", path, token, Bytes::new()).await
+}
+
+/// `METHOD path` with `body` on the admin API at `addr`, with
+/// `Authorization: Bearer token` when given.
+pub async fn admin_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: impl Into<Bytes>,
+) -> anyhow::Result<Reply> {
     let mut client: H1 = H1::connect(addr).await?;
-    let mut req = get("admin.test", path);
+    let mut req = request(method, "admin.test", path, body);
     if let Some(token) = token {
         req.headers_mut().insert(
             http::header::AUTHORIZATION,

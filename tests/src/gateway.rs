@@ -12,9 +12,8 @@ use tokio::task::JoinHandle;
 /// A running gateway. Dropping it signals shutdown and stops serving.
 #[derive(Debug)]
 pub struct TestGateway {
-    config: sluice::Config,
-    /// Active health checks, stopped with the gateway.
-    _checks: sluice::HealthChecks,
+    /// The running config, its health checks and the changes made to it.
+    control: sluice::admin::Control,
     addrs: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
     admin_shutdown: Option<oneshot::Sender<()>>,
@@ -33,7 +32,9 @@ impl TestGateway {
             .await
             .context("binding the gateway's listeners")?;
         let addrs = gateway.local_addrs();
-        let (admin, admin_shutdown) = match sluice::admin::Admin::bind(&config).await {
+        let checks = config.start_health_checks();
+        let control = sluice::admin::Control::new(config, vec![gateway.reloader()], checks);
+        let (admin, admin_shutdown) = match sluice::admin::Admin::bind(&control).await {
             None => (None, None),
             Some(bound) => {
                 let admin = bound.context("binding the admin listener")?;
@@ -45,14 +46,12 @@ impl TestGateway {
                 (addr, Some(tx))
             }
         };
-        let checks = config.start_health_checks();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async move {
             let _ = rx.await;
         }));
         Ok(TestGateway {
-            config,
-            _checks: checks,
+            control,
             addrs,
             admin,
             admin_shutdown,
@@ -92,10 +91,11 @@ impl TestGateway {
     /// # Panics
     /// When the manifest has no such plugin: a mistake in the test itself.
     pub fn plugin(&self, name: &str) -> sluice::PluginReport {
-        self.config.plugin_report(name).unwrap_or_else(|| {
+        let config = self.control.config();
+        config.plugin_report(name).unwrap_or_else(|| {
             panic!(
                 "no plugin named {name:?}; the gateway has {:?}",
-                self.config.plugin_names()
+                config.plugin_names()
             )
         })
     }

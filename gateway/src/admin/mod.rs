@@ -1,11 +1,15 @@
 //! The admin API: JSON over HTTP/1.1 on `[admin] listen`, behind a bearer
 //! token.
 //!
-//! This build serves the read-only views operators need to see load
-//! balancing at work: `GET /upstreams` (per-endpoint weight, health,
-//! in-flight, latency, selections). Plugin upload, rollback, reload, audit,
-//! metrics and the health endpoints are not built yet; their paths answer
-//! 404 with a JSON error saying so.
+//! Served: `GET /upstreams` (endpoint health, load, breakers), `GET /plugins`,
+//! `PUT /plugins/{name}` (a new component), `PUT /plugins/{name}/config`,
+//! `POST /plugins/{name}/rollback` and `POST /reload`. Every change goes
+//! through [`Control`]: validated whole, then swapped; a refused change
+//! answers 422 with the reason and leaves the running config serving.
+//! The audit log, `/metrics` and `/health/*` are not built yet; their paths
+//! answer 404 with a JSON error saying so.
+
+mod control;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,10 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,11 +29,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use control::{Control, KEPT_VERSIONS, ReloadError};
+use control::{PluginChange, SwapError};
+
 use crate::config::Config;
 use crate::upstream::{CircuitStatus, EndpointStatus};
 
 /// Time an admin client has to send its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest component `PUT /plugins/{name}` accepts.
+pub const MAX_UPLOAD_BYTES: usize = 64 << 20;
+
+/// Largest body of any other admin request.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Time an admin client has to send its request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The admin listener, bound and ready to serve.
 #[derive(Debug)]
@@ -39,13 +54,9 @@ pub struct Admin {
     state: Arc<AdminState>,
 }
 
-/// Publishes a reloaded config to the admin API.
-#[derive(Debug, Clone)]
-pub struct AdminHandle(Arc<AdminState>);
-
 #[derive(Debug)]
 struct AdminState {
-    config: ArcSwap<Config>,
+    control: Control,
     token: Option<Arc<str>>,
 }
 
@@ -58,14 +69,15 @@ pub struct AdminBindError {
 }
 
 impl Admin {
-    /// Binds `[admin] listen` when the manifest has an `[admin]` table.
-    pub async fn bind(config: &Config) -> Option<Result<Admin, AdminBindError>> {
-        let admin = config.admin.clone()?;
+    /// Binds `[admin] listen` when the running config has an `[admin]`
+    /// table; changes made through it go to `control`.
+    pub async fn bind(control: &Control) -> Option<Result<Admin, AdminBindError>> {
+        let admin = control.config().admin.clone()?;
         Some(match TcpListener::bind(admin.addr).await {
             Ok(listener) => Ok(Admin {
                 listener,
                 state: Arc::new(AdminState {
-                    config: ArcSwap::from_pointee(config.clone()),
+                    control: control.clone(),
                     token: admin.token,
                 }),
             }),
@@ -79,11 +91,6 @@ impl Admin {
     /// The bound address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
-    }
-
-    /// A handle to publish reloaded configs.
-    pub fn handle(&self) -> AdminHandle {
-        AdminHandle(self.state.clone())
     }
 
     /// Serves until `shutdown` resolves.
@@ -111,7 +118,7 @@ impl Admin {
                     connections.spawn(async move {
                         let service = service_fn(move |req| {
                             let state = state.clone();
-                            async move { Ok::<_, Infallible>(handle(&state, peer, &req)) }
+                            async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
                         });
                         let connection = hyper::server::conn::http1::Builder::new()
                             .timer(TokioTimer::new())
@@ -138,17 +145,32 @@ impl Admin {
     }
 }
 
-impl AdminHandle {
-    /// Shows `config` from now on.
-    pub fn publish(&self, config: &Config) {
-        self.0.config.store(Arc::new(config.clone()));
+/// One admin request. A request whose body is left unread (refused before
+/// reading it) closes the connection after the answer, so the client stops
+/// sending instead of waiting on a peer that will never read.
+async fn handle(
+    state: &AdminState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let has_body = !http_body::Body::is_end_stream(req.body());
+    let mut response = route(state, peer, req).await;
+    if has_body && !response.status().is_success() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
     }
+    response
 }
 
-/// One admin request. Bodies are never read: every route here is a GET.
-fn handle(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Authorises and dispatches one admin request.
+async fn route(
+    state: &AdminState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if let Some(token) = &state.token
-        && !authorized(req, token)
+        && !authorized(&req, token)
     {
         tracing::warn!(%peer, path = req.uri().path(), "admin request refused: bad or missing token");
         let mut response = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
@@ -158,15 +180,185 @@ fn handle(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Resp
         );
         return response;
     }
-    let config = state.config.load();
-    match req.uri().path() {
-        "/upstreams" if req.method() == Method::GET => json(StatusCode::OK, &upstreams(&config)),
-        "/upstreams" => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
-        path => error(
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let control = &state.control;
+    match (method, segments.as_slice()) {
+        (Method::GET, ["upstreams"]) => json(StatusCode::OK, &upstreams(&control.config())),
+        (Method::GET, ["plugins"]) => json(StatusCode::OK, &plugins(control).await),
+        (Method::PUT, ["plugins", name]) => {
+            let name = (*name).to_string();
+            let config = match query_config(req.uri().query()) {
+                Ok(config) => config,
+                Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+            };
+            let bytes = match read_body(req, MAX_UPLOAD_BYTES).await {
+                Ok(bytes) => bytes,
+                Err(response) => return response,
+            };
+            let change = PluginChange::Component {
+                bytes: bytes.to_vec(),
+                config,
+            };
+            changed(peer, "upload", &name, control.swap(&name, change).await)
+        }
+        (Method::PUT, ["plugins", name, "config"]) => {
+            let name = (*name).to_string();
+            let bytes = match read_body(req, MAX_BODY_BYTES).await {
+                Ok(bytes) => bytes,
+                Err(response) => return response,
+            };
+            let config = match config_json(&bytes) {
+                Ok(config) => config,
+                Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+            };
+            let change = PluginChange::Config(config);
+            changed(peer, "config", &name, control.swap(&name, change).await)
+        }
+        (Method::POST, ["plugins", name, "rollback"]) => {
+            let name = (*name).to_string();
+            changed(peer, "rollback", &name, control.rollback(&name).await)
+        }
+        (Method::POST, ["reload"]) => {
+            let path = control.config().source().to_path_buf();
+            match control.reload(&path).await {
+                Ok(()) => {
+                    tracing::info!(%peer, "admin: reloaded the manifest");
+                    json(StatusCode::OK, &serde_json::json!({ "reloaded": path }))
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "admin: reload refused");
+                    error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string())
+                }
+            }
+        }
+        (
+            _,
+            ["upstreams" | "plugins" | "reload"]
+            | ["plugins", _]
+            | ["plugins", _, "config" | "rollback"],
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
+        _ => error(
             StatusCode::NOT_FOUND,
-            &format!("no admin endpoint {path}; this build serves GET /upstreams"),
+            &format!(
+                "no admin endpoint {path}; this build serves GET /upstreams, GET /plugins, PUT /plugins/NAME, PUT /plugins/NAME/config, POST /plugins/NAME/rollback and POST /reload"
+            ),
         ),
     }
+}
+
+/// The answer to a plugin change, logged.
+fn changed(
+    peer: SocketAddr,
+    what: &str,
+    name: &str,
+    result: Result<control::Swapped, SwapError>,
+) -> Response<Full<Bytes>> {
+    match result {
+        Ok(swapped) => {
+            tracing::info!(%peer, plugin = name, change = what, version = %swapped.version, previous = %swapped.previous, "admin: plugin swapped");
+            json(StatusCode::OK, &swapped)
+        }
+        Err(e) => {
+            tracing::warn!(%peer, plugin = name, change = what, error = %e, "admin: plugin change refused");
+            let status = match e {
+                SwapError::Unknown(_) => StatusCode::NOT_FOUND,
+                SwapError::NoPrevious(_) => StatusCode::CONFLICT,
+                SwapError::Invalid(_) | SwapError::Unfit(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            error(status, &e.to_string())
+        }
+    }
+}
+
+/// Reads the whole body, up to `limit` bytes and [`BODY_READ_TIMEOUT`].
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Full<Bytes>>> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is larger than {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, body).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("cannot read the body: {e}"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not arrive in time",
+        )),
+    }
+}
+
+/// A plugin config: a JSON object, re-serialised compactly.
+fn config_json(bytes: &[u8]) -> Result<String, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("the config is not valid JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("the config must be a JSON object".to_string());
+    }
+    Ok(value.to_string())
+}
+
+/// `?config=JSON` on an upload, when present.
+fn query_config(query: Option<&str>) -> Result<Option<String>, String> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut config = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key != "config" {
+            return Err(format!("unknown query parameter \"{key}\" (only config=JSON)"));
+        }
+        config = Some(config_json(value.as_bytes())?);
+    }
+    Ok(config)
+}
+
+/// One plugin in `GET /plugins`.
+#[derive(Debug, Serialize)]
+struct PluginStatus {
+    name: String,
+    source: String,
+    /// SHA-256 of the running component.
+    version: String,
+    config: serde_json::Value,
+    /// Replaced versions kept for rollback, oldest first.
+    previous: Vec<String>,
+    stats: crate::CallStatsSnapshot,
+}
+
+async fn plugins(control: &Control) -> Vec<PluginStatus> {
+    let config = control.config();
+    let mut list = Vec::new();
+    for name in config.plugin_names() {
+        let Some(plugin) = config.plugin(&name) else {
+            continue;
+        };
+        let report = plugin.report();
+        list.push(PluginStatus {
+            previous: control.kept_versions(&name).await,
+            name,
+            source: report.source,
+            version: report.version,
+            config: serde_json::from_str(&plugin.spec.config).unwrap_or(serde_json::Value::Null),
+            stats: report.stats,
+        });
+    }
+    list
 }
 
 /// Whether `req` carries `Authorization: Bearer <token>`, compared in constant time.

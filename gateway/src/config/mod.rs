@@ -238,6 +238,44 @@ impl Config {
         self.plugins.get(name).map(|p| p.report())
     }
 
+    /// This config with `plugin` in place of the loaded plugin of the same
+    /// name: in the plugin list, every route's chain and every upstream's
+    /// balancer. Everything else (endpoints and their health, limits) is
+    /// shared with `self`.
+    pub(crate) fn with_plugin(&self, plugin: Arc<Plugin>) -> Config {
+        let mut config = self.clone();
+        config.routes = self.routes.replacing(&plugin);
+        for upstream in &mut config.upstreams {
+            if upstream
+                .balancer
+                .as_ref()
+                .is_some_and(|b| b.name == plugin.name)
+            {
+                upstream.balancer = Some(plugin.clone());
+            }
+        }
+        config.plugins.insert(plugin.name.to_string(), plugin);
+        config
+    }
+
+    /// The first upstream whose balancer is plugin `name`.
+    pub(crate) fn upstream_balanced_by(&self, name: &str) -> Option<&str> {
+        self.upstreams
+            .iter()
+            .find(|u| u.balancer.as_ref().is_some_and(|b| &*b.name == name))
+            .map(|u| u.name.as_str())
+    }
+
+    /// Whether a route's `policies` list plugin `name`.
+    pub(crate) fn plugin_in_chain(&self, name: &str) -> bool {
+        self.routes.uses_plugin(name)
+    }
+
+    /// The loaded plugin called `name`.
+    pub(crate) fn plugin(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.get(name)
+    }
+
     /// The names of every loaded plugin.
     pub fn plugin_names(&self) -> Vec<String> {
         self.plugins.keys().cloned().collect()

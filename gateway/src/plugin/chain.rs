@@ -65,6 +65,30 @@ impl Chain {
         }
     }
 
+    /// The chain with `plugin` in place of the plugin of the same name.
+    pub(crate) fn replacing(&self, plugin: &Arc<Plugin>) -> Chain {
+        if !self.policies.iter().any(|p| p.name == plugin.name) {
+            return self.clone();
+        }
+        Chain::new(
+            self.policies
+                .iter()
+                .map(|p| {
+                    if p.name == plugin.name {
+                        plugin.clone()
+                    } else {
+                        p.clone()
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether the chain runs plugin `name`.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.policies.iter().any(|p| &*p.name == name)
+    }
+
     /// Whether the route has no policies.
     pub(crate) fn is_empty(&self) -> bool {
         self.policies.is_empty()

@@ -66,6 +66,8 @@ pub(crate) enum Source {
     Builtin(String),
     /// A `.wasm` file.
     File(PathBuf),
+    /// A component uploaded through the admin API (`PUT /plugins/{name}`).
+    Upload,
 }
 
 impl Source {
@@ -79,6 +81,10 @@ impl Source {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 }),
+            Source::Upload => Err(PluginError::Read {
+                path: "upload".to_string(),
+                reason: "an uploaded component is kept only in memory".to_string(),
+            }),
         }
     }
 }
@@ -88,6 +94,7 @@ impl fmt::Display for Source {
         match self {
             Source::Builtin(name) => write!(f, "builtin:{name}"),
             Source::File(path) => write!(f, "{}", path.display()),
+            Source::Upload => f.write_str("upload"),
         }
     }
 }
@@ -178,6 +185,7 @@ pub(crate) enum HookError {
 }
 
 /// Which hooks a component exports, as export indices resolved once per version.
+#[derive(Clone)]
 struct Exports {
     configure: Option<configure::GuestIndices>,
     request: Option<request_hook::GuestIndices>,
@@ -228,6 +236,55 @@ impl Plugin {
         Plugin::from_bytes(spec, &bytes, runtime)
     }
 
+    /// Compiles, links and instantiates an uploaded component, running
+    /// `init` with the spec's config. Blocks, as [`Plugin::load`].
+    pub(crate) fn from_upload(
+        spec: PluginSpec,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let runtime = engine::runtime()?;
+        Plugin::from_bytes(spec, &bytes, runtime)
+    }
+
+    /// A new version of `running`'s component with `spec` (new config):
+    /// nothing is compiled again; a first instance runs `init`. Blocks, as
+    /// [`Plugin::load`].
+    pub(crate) fn rebuild(running: &Plugin, spec: PluginSpec) -> Result<Arc<Plugin>, PluginError> {
+        let plugin = Arc::new(Plugin {
+            name: running.name.clone(),
+            scope: running.scope.clone(),
+            pool: ArrayQueue::new(spec.pool_size.max(1)),
+            spec,
+            version: running.version.clone(),
+            engine: running.engine.clone(),
+            pre: running.pre.clone(),
+            exports: running.exports.clone(),
+        });
+        plugin.first_instance()?;
+        Ok(plugin)
+    }
+
+    /// Makes the first instance, proving the plugin runs and accepts its
+    /// config, and pools it.
+    fn first_instance(&self) -> Result<(), PluginError> {
+        // On a thread of its own: the epoch callback yields with tokio's
+        // `yield_now`, which on a runtime thread (a test or a caller that
+        // loads a config inside `block_on`) defers its wake to a scheduler
+        // that `pollster` is blocking. A thread without a runtime wakes at once.
+        let made = std::thread::scope(|scope| {
+            scope
+                .spawn(|| pollster::block_on(self.instantiate()))
+                .join()
+        })
+        .map_err(|_| PluginError::Instantiate("instantiation panicked".to_string()))?;
+        let first = made.map_err(|e| match e {
+            InstantiateError::Init(message) => PluginError::Init(message),
+            InstantiateError::Other(message) => PluginError::Instantiate(message),
+        })?;
+        self.release(first);
+        Ok(())
+    }
+
     pub(crate) fn from_bytes(
         spec: PluginSpec,
         bytes: &[u8],
@@ -265,13 +322,13 @@ impl Plugin {
             pre,
             exports,
         });
-        // The first instance proves the plugin runs and accepts its config.
-        let first = pollster::block_on(plugin.instantiate()).map_err(|e| match e {
-            InstantiateError::Init(message) => PluginError::Init(message),
-            InstantiateError::Other(message) => PluginError::Instantiate(message),
-        })?;
-        plugin.release(first);
+        plugin.first_instance()?;
         Ok(plugin)
+    }
+
+    /// Whether the plugin exports a hook a route's `policies` can run.
+    pub(crate) fn has_policy_hooks(&self) -> bool {
+        self.has_request_hook() || self.has_response_hook() || self.has_outcome_hook()
     }
 
     /// Whether the plugin exports `on-request`.

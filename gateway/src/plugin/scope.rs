@@ -204,7 +204,7 @@ impl CallStats {
 }
 
 /// Call statistics of one plugin at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct CallStatsSnapshot {
     /// Hook calls made.
     pub calls: u64,

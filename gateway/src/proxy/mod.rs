@@ -230,6 +230,29 @@ impl Reloader {
     pub fn apply(&self, config: &Config) {
         self.tables.store(Arc::new(Tables::new(config)));
     }
+
+    /// Swaps in `config`'s plugins (its routes' chains and upstreams'
+    /// balancers), keeping this worker's upstream connection pools. For a
+    /// config made from the running one by [`Config::with_plugin`], whose
+    /// upstreams are the same in the same order. Requests already running
+    /// finish with the plugins they started with.
+    pub(crate) fn apply_plugins(&self, config: &Config) {
+        let running = self.tables.load();
+        let upstreams = running
+            .upstreams
+            .iter()
+            .zip(&config.upstreams)
+            .map(|(upstream, new)| Upstream {
+                balancer: new.balancer.clone(),
+                ..upstream.clone()
+            })
+            .collect();
+        self.tables.store(Arc::new(Tables {
+            routes: config.routes.clone(),
+            upstreams,
+            directory: running.directory.clone(),
+        }));
+    }
 }
 
 /// Binds each listener `workers` times with `SO_REUSEPORT`, so every worker

@@ -189,6 +189,25 @@ impl RouteTable {
         self.routes.iter().find(|route| route.matcher.matches(req))
     }
 
+    /// The same routes with `plugin` in place of the plugin of that name
+    /// in every chain (a live swap).
+    pub(crate) fn replacing(&self, plugin: &std::sync::Arc<crate::plugin::Plugin>) -> RouteTable {
+        let routes = self
+            .routes
+            .iter()
+            .map(|route| Route {
+                chain: route.chain.replacing(plugin),
+                ..route.clone()
+            })
+            .collect();
+        RouteTable { routes }
+    }
+
+    /// Whether any route's chain runs plugin `name`.
+    pub(crate) fn uses_plugin(&self, name: &str) -> bool {
+        self.routes.iter().any(|r| r.chain.contains(name))
+    }
+
     /// Routes in lookup order.
     #[cfg(test)]
     pub(crate) fn routes(&self) -> &[Route] {

@@ -28,8 +28,8 @@ use crate::proxy::body::RequestBody;
 /// `health.healthy` looks names up in.
 pub(crate) type Directory = Arc<[Arc<EndpointSet>]>;
 
-/// A live upstream as one worker sees it.
-#[derive(Debug)]
+/// A live upstream as one worker sees it. A clone shares the connection pool.
+#[derive(Debug, Clone)]
 pub(crate) struct Upstream {
     pub(crate) name: Arc<str>,
     /// Endpoints, health and load, shared with every other worker.
