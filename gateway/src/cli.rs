@@ -277,9 +277,22 @@ fn print_demo_help(bound: &[(String, SocketAddr)], config: &Config) {
             "  curl -s --http2-prior-knowledge http://{addr}/api/h2   # HTTP/2 in, HTTP/1.1 upstream"
         );
         println!("  curl -si http://{addr}/nowhere                # no route: 404");
+        println!(
+            "  for i in $(seq 25); do curl -s -o /dev/null -w '%{{http_code}} ' http://{addr}/api/; done   # rate limit: 21 x 200, then 429"
+        );
+        println!(
+            "  curl -s -H 'x-user-id: alice' http://{addr}/shop/   # 95/5 canary split, sticky per user"
+        );
+        println!(
+            "  curl -s -H 'X-Forwarded-For: 193.99.144.80' http://{addr}/geo/   # geo: a German client goes to eu-west"
+        );
         if let Some(admin) = &config.admin {
             println!(
                 "  curl -s http://{}/upstreams        # admin API: endpoint health, load, requests per endpoint",
+                admin.addr
+            );
+            println!(
+                "  curl -s -X PUT -d '{{\"upstreams\":{{\"api\":0,\"canary\":100}}}}' http://{}/plugins/split/config   # flip the split live",
                 admin.addr
             );
         }

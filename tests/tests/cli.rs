@@ -354,13 +354,18 @@ fn slow_backend(delay: Duration, name: &'static str) -> SocketAddr {
 
 /// One GET over a fresh connection; returns (status line, body).
 fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    get_with(addr, path, "")
+}
+
+/// `GET path` with `headers` (complete lines) added; the status line and the body.
+fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nhost: test\r\n{headers}connection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();
@@ -498,7 +503,14 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
         .replace("127.0.0.1:8080", "127.0.0.1:0")
         .replace("127.0.0.1:9101", &format!("127.0.0.1:{}", free_port()))
         .replace("127.0.0.1:9102", &format!("127.0.0.1:{}", free_port()))
-        .replace("127.0.0.1:9103", &format!("127.0.0.1:{}", free_port()));
+        .replace("127.0.0.1:9103", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9111", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9112", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9113", &format!("127.0.0.1:{}", free_port()))
+        .replace(
+            "../data/geo/",
+            &format!("{}/../data/geo/", env!("CARGO_MANIFEST_DIR")),
+        );
     let admin_port = free_port();
     let text = text.replace("127.0.0.1:9901", &format!("127.0.0.1:{admin_port}"));
     let path = write_manifest(dir.path(), "demo.toml", &text);
@@ -516,6 +528,16 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
         );
         backends.insert(echo["backend"].as_str().unwrap().to_string());
     }
+    // The geo policy: a German address (behind the trusted loopback proxy) goes to eu-west.
+    let (status, body) = get_with(
+        gateway.addr,
+        "/geo/",
+        "X-Forwarded-For: 193.99.144.80\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echo["headers"]["x-sluice-country"], "DE", "{body}");
+    assert_eq!(echo["headers"]["x-sluice-region"], "eu-west", "{body}");
     assert_eq!(
         backends.len(),
         2,
