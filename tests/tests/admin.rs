@@ -366,14 +366,23 @@ async fn a_blue_green_flip_through_the_admin_api_drops_nothing() -> anyhow::Resu
     )
     .await?;
     anyhow::ensure!(flipped.status == 200, "{}", flipped.excerpt());
-    let first = H1::connect(web).await?.request(get("app.test", "/")).await?;
-    anyhow::ensure!(origin_of(&first) == "flip-green", "the next request goes green");
+    let first = H1::connect(web)
+        .await?
+        .request(get("app.test", "/"))
+        .await?;
+    anyhow::ensure!(
+        origin_of(&first) == "flip-green",
+        "the next request goes green"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         let seen = client.await??;
         // Blue until the flip, green after: one switch, never back.
-        let switch = seen.iter().position(|o| o == "flip-green").unwrap_or(seen.len());
+        let switch = seen
+            .iter()
+            .position(|o| o == "flip-green")
+            .unwrap_or(seen.len());
         anyhow::ensure!(switch > 0, "blue served before the flip");
         anyhow::ensure!(
             seen[..switch].iter().all(|o| o == "flip-blue")

@@ -529,11 +529,7 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
         backends.insert(echo["backend"].as_str().unwrap().to_string());
     }
     // The geo policy: a German address (behind the trusted loopback proxy) goes to eu-west.
-    let (status, body) = get_with(
-        gateway.addr,
-        "/geo/",
-        "X-Forwarded-For: 193.99.144.80\r\n",
-    );
+    let (status, body) = get_with(gateway.addr, "/geo/", "X-Forwarded-For: 193.99.144.80\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(echo["headers"]["x-sluice-country"], "DE", "{body}");

@@ -321,7 +321,9 @@ fn query_config(query: Option<&str>) -> Result<Option<String>, String> {
     let mut config = None;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         if key != "config" {
-            return Err(format!("unknown query parameter \"{key}\" (only config=JSON)"));
+            return Err(format!(
+                "unknown query parameter \"{key}\" (only config=JSON)"
+            ));
         }
         config = Some(config_json(value.as_bytes())?);
     }
