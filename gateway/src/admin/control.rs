@@ -142,7 +142,7 @@ impl Control {
         changes.checks = config.start_health_checks();
         changes.previous.clear();
         self.inner.config.store(Arc::new(config));
-        tracing::info!(manifest = %path.display(), "reloaded routes, upstreams and plugins");
+        tracing::info!(manifest = %path.display(), "reloaded routes and upstreams");
         Ok(())
     }
 
