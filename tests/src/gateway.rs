@@ -100,6 +100,14 @@ impl TestGateway {
         })
     }
 
+    /// Counter `name` that plugin `plugin` reported through `metrics`; 0 until it does.
+    ///
+    /// # Panics
+    /// When the manifest has no such plugin: a mistake in the test itself.
+    pub fn counter(&self, plugin: &str, name: &str) -> u64 {
+        self.plugin(plugin).counters.get(name).copied().unwrap_or(0)
+    }
+
     /// Signals shutdown and waits (bounded by `limit`) for the drain to end.
     pub async fn shutdown(mut self, limit: std::time::Duration) -> anyhow::Result<sluice::Drained> {
         if let Some(tx) = self.shutdown.take() {

@@ -97,16 +97,6 @@ fn assert_refused(reply: &Reply, max_retry_after: u64) {
     );
 }
 
-/// A counter the plugin reported through `metrics`.
-fn counter(gateway: &TestGateway, plugin: &str, name: &str) -> u64 {
-    gateway
-        .plugin(plugin)
-        .counters
-        .get(name)
-        .copied()
-        .unwrap_or(0)
-}
-
 /// `n` connections to `addr`, opened before they are used.
 async fn connections(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<H1>> {
     let mut all = Vec::with_capacity(n);
@@ -170,8 +160,8 @@ async fn consecutive_failures_open_the_upstream_breaker() -> anyhow::Result<()> 
     let circuit = app_circuit(&json, name);
     assert_eq!(circuit["state"], "open", "{json}");
     assert_eq!(circuit["opened"], 1, "{json}");
-    assert_eq!(counter(&gw, name, "breaker_opened"), 1);
-    assert_eq!(counter(&gw, name, "breaker_rejected"), 10);
+    assert_eq!(gw.counter(name, "breaker_opened"), 1);
+    assert_eq!(gw.counter(name, "breaker_rejected"), 10);
     Ok(())
 }
 
@@ -288,8 +278,8 @@ async fn half_open_admits_exactly_the_permitted_calls_then_reopens_or_closes() -
         assert_eq!(client.request(get("app.test", "/")).await?.status, 200);
     }
     assert_eq!(origin.requests(), 5 + 4 + 4 + 20);
-    assert_eq!(counter(&gw, name, "breaker_opened"), 2);
-    assert_eq!(counter(&gw, name, "breaker_closed"), 1);
+    assert_eq!(gw.counter(name, "breaker_opened"), 2);
+    assert_eq!(gw.counter(name, "breaker_closed"), 1);
     Ok(())
 }
 
@@ -433,8 +423,8 @@ async fn max_ejection_percent_keeps_enough_endpoints_in_service() -> anyhow::Res
         kept.requests()
     );
     assert!(failures > 5, "{failures}");
-    assert!(counter(&gw, name, "breaker_eject_refused") >= 1);
-    assert_eq!(counter(&gw, name, "breaker_opened"), 1);
+    assert!(gw.counter(name, "breaker_eject_refused") >= 1);
+    assert_eq!(gw.counter(name, "breaker_opened"), 1);
     Ok(())
 }
 
@@ -604,7 +594,7 @@ async fn concurrent_failures_open_the_breaker_once() -> anyhow::Result<()> {
         1,
         "one transition: {json}"
     );
-    assert_eq!(counter(&gw, name, "breaker_opened"), 1);
+    assert_eq!(gw.counter(name, "breaker_opened"), 1);
     Ok(())
 }
 
@@ -630,7 +620,7 @@ async fn when_open_can_steer_to_a_fallback_upstream() -> anyhow::Result<()> {
         assert_eq!(origin_of(&reply), Some("backup"));
     }
     assert_eq!(failing.requests(), 3);
-    assert_eq!(counter(&gw, name, "breaker_steered"), 5);
+    assert_eq!(gw.counter(name, "breaker_steered"), 5);
     let json = upstreams(&gw).await?;
     assert_eq!(app_circuit(&json, name)["state"], "open", "{json}");
     assert!(

@@ -178,16 +178,6 @@ async fn until_origin(client: &mut H1, client_ip: &str, origin: &str) -> anyhow:
     }
 }
 
-/// A counter the plugin reported through `metrics`.
-fn counter(gateway: &TestGateway, plugin: &str, name: &str) -> u64 {
-    gateway
-        .plugin(plugin)
-        .counters
-        .get(name)
-        .copied()
-        .unwrap_or(0)
-}
-
 /// An address that refuses connections and that no other test can take:
 /// a bound socket that never listens.
 fn refusing() -> anyhow::Result<(tokio::net::TcpSocket, SocketAddr)> {
@@ -230,7 +220,7 @@ async fn clients_reach_their_region_s_origin_with_country_and_region_headers() -
     assert_eq!(origins[0].requests(), 1);
     assert_eq!(origins[1].requests(), 4);
     assert_eq!(origins[2].requests(), 3);
-    assert_eq!(counter(&gw, name, "geo_failover"), 0);
+    assert_eq!(gw.counter(name, "geo_failover"), 0);
     Ok(())
 }
 
@@ -329,7 +319,7 @@ async fn unknown_and_unlisted_countries_go_to_the_default_region() -> anyhow::Re
         from(&mut client, "200.160.2.3").await?,
         Landed::expect("eu", Some("BR"), "eu-west")
     );
-    assert_eq!(counter(&gw, name, "geo_country_unknown"), 2);
+    assert_eq!(gw.counter(name, "geo_country_unknown"), 2);
     assert_eq!(origins[1].requests(), 3);
     Ok(())
 }
@@ -467,7 +457,7 @@ async fn a_region_without_healthy_endpoints_fails_over_in_order() -> anyhow::Res
             Landed::expect("ap", Some("DE"), "ap-southeast")
         );
     }
-    assert!(counter(&gw, name, "geo_failover") >= 10);
+    assert!(gw.counter(name, "geo_failover") >= 10);
     // Other regions' clients are not moved.
     assert_eq!(
         from(&mut client, "8.8.8.8").await?,
@@ -546,14 +536,14 @@ async fn when_every_region_is_down_clients_stay_home_in_panic_mode() -> anyhow::
     let mut client: H1 = H1::connect(gw.addr("web")).await?;
     // Every check fails: the plugin sees no healthy endpoint anywhere.
     let start = Instant::now();
-    while counter(&gw, name, "geo_panic") == 0 {
+    while gw.counter(name, "geo_panic") == 0 {
         anyhow::ensure!(start.elapsed() < WAIT, "no request saw every region down");
         client
             .request(request(&[("x-forwarded-for", "193.99.144.80")]))
             .await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let panics = counter(&gw, name, "geo_panic");
+    let panics = gw.counter(name, "geo_panic");
     for (ip, origin) in [
         ("193.99.144.80", "eu"),
         ("133.11.0.1", "ap"),
@@ -567,7 +557,7 @@ async fn when_every_region_is_down_clients_stay_home_in_panic_mode() -> anyhow::
             "{ip}: answered by its own region's origin"
         );
     }
-    assert_eq!(counter(&gw, name, "geo_panic"), panics + 3);
+    assert_eq!(gw.counter(name, "geo_panic"), panics + 3);
     Ok(())
 }
 

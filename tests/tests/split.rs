@@ -121,16 +121,6 @@ fn count<'a>(served: impl IntoIterator<Item = &'a String>) -> HashMap<&'a str, u
     counts
 }
 
-/// A counter the plugin reported through `metrics`.
-fn counter(gateway: &TestGateway, plugin: &str, name: &str) -> u64 {
-    gateway
-        .plugin(plugin)
-        .counters
-        .get(name)
-        .copied()
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_95_5_split_is_within_one_percent_over_10k_requests() -> anyhow::Result<()> {
     let origins = origins(&["stable", "canary"]).await?;
@@ -151,7 +141,7 @@ async fn a_95_5_split_is_within_one_percent_over_10k_requests() -> anyhow::Resul
     // 5 % ± 1 % (4.6 standard deviations of a binomial draw).
     assert!((400..=600).contains(&canary), "{counts:?}");
     assert_eq!(origins[0].requests() + origins[1].requests(), 10_000);
-    assert_eq!(counter(&gw, "split-95-5", "split_overridden"), 0);
+    assert_eq!(gw.counter("split-95-5", "split_overridden"), 0);
     Ok(())
 }
 
@@ -209,11 +199,7 @@ async fn sticky_users_never_change_sides() -> anyhow::Result<()> {
             (users * 3 / 10..=users * 7 / 10).contains(&on_canary),
             "{plugin_name}: {on_canary} of {users} users on the canary"
         );
-        assert_eq!(
-            counter(&gw, plugin_name, "split_unkeyed"),
-            0,
-            "{plugin_name}"
-        );
+        assert_eq!(gw.counter(plugin_name, "split_unkeyed"), 0, "{plugin_name}");
     }
     Ok(())
 }
@@ -354,7 +340,7 @@ async fn overrides_win_over_weights_and_stickiness() -> anyhow::Result<()> {
         .collect();
     let served = serve_all(gw.addr("web"), 1, requests).await?;
     assert_eq!(served, expected);
-    assert_eq!(counter(&gw, name, "split_overridden"), 4);
+    assert_eq!(gw.counter(name, "split_overridden"), 4);
     Ok(())
 }
 
