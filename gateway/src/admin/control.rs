@@ -174,17 +174,14 @@ impl Control {
                 Some(bytes)
             }
         };
+        let base = running.clone();
         let built = tokio::task::spawn_blocking(move || match bytes {
             Some(bytes) => Plugin::from_upload(spec, bytes),
-            None => Plugin::rebuild(&running, spec),
+            None => Plugin::rebuild(&base, spec),
         })
         .await
         .map_err(|e| SwapError::Unfit(format!("building the plugin did not finish: {e}")))?
         .map_err(SwapError::Invalid)?;
-        let running = config
-            .plugin(name)
-            .cloned()
-            .ok_or_else(|| SwapError::Unknown(name.to_string()))?;
         fits_in_place_of(&config, &running, &built)?;
         self.install(&config, built.clone());
         let kept = changes.previous.entry(name.to_string()).or_default();
@@ -221,14 +218,19 @@ impl Control {
         self.inner.config.store(Arc::new(next));
     }
 
-    /// How many replaced versions of `name` are kept.
-    pub(crate) async fn kept_versions(&self, name: &str) -> Vec<String> {
+    /// The replaced versions kept for rollback (SHA-256s, oldest first), by plugin name.
+    pub(crate) async fn kept_versions(&self) -> HashMap<String, Vec<String>> {
         let changes = self.inner.changes.lock().await;
         changes
             .previous
-            .get(name)
-            .map(|kept| kept.iter().map(|p| p.version.clone()).collect())
-            .unwrap_or_default()
+            .iter()
+            .map(|(name, kept)| {
+                (
+                    name.clone(),
+                    kept.iter().map(|p| p.version.clone()).collect(),
+                )
+            })
+            .collect()
     }
 }
 

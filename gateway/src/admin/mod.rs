@@ -345,22 +345,24 @@ struct PluginStatus {
 
 async fn plugins(control: &Control) -> Vec<PluginStatus> {
     let config = control.config();
-    let mut list = Vec::new();
-    for name in config.plugin_names() {
-        let Some(plugin) = config.plugin(&name) else {
-            continue;
-        };
-        let report = plugin.report();
-        list.push(PluginStatus {
-            previous: control.kept_versions(&name).await,
-            name,
-            source: report.source,
-            version: report.version,
-            config: serde_json::from_str(&plugin.spec.config).unwrap_or(serde_json::Value::Null),
-            stats: report.stats,
-        });
-    }
-    list
+    let mut kept = control.kept_versions().await;
+    config
+        .plugin_names()
+        .into_iter()
+        .filter_map(|name| {
+            let plugin = config.plugin(&name)?;
+            let report = plugin.report();
+            Some(PluginStatus {
+                previous: kept.remove(&name).unwrap_or_default(),
+                source: report.source,
+                version: report.version,
+                config: serde_json::from_str(&plugin.spec.config)
+                    .unwrap_or(serde_json::Value::Null),
+                stats: report.stats,
+                name,
+            })
+        })
+        .collect()
 }
 
 /// Whether `req` carries `Authorization: Bearer <token>`, compared in constant time.
