@@ -73,6 +73,7 @@ pub use wit::types::{
 };
 
 pub mod balance;
+pub mod config;
 pub mod net;
 
 /// A policy: configured once per instance by [`init`](Policy::init), then

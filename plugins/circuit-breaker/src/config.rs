@@ -360,28 +360,7 @@ fn duration_ms(key: &str, value: &Value) -> Result<u64, String> {
     Ok(ms)
 }
 
-/// Parses `"250ms"`, `"30s"`, `"10m"` or `"1h"` into milliseconds.
-pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let invalid = || {
-        format!("{text:?} is not a duration (a whole number with ms, s, m or h, such as \"60s\")")
-    };
-    let amount: u64 = digits.parse().map_err(|_| invalid())?;
-    let per_unit: u64 = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(invalid()),
-    };
-    amount
-        .checked_mul(per_unit)
-        .ok_or_else(|| format!("{text:?} is too long"))
-}
+use sluice_sdk::config::parse_duration_ms;
 
 /// The `failure_statuses` list.
 fn statuses(value: &Value) -> Result<StatusSet, String> {
