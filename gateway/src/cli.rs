@@ -1,4 +1,6 @@
-//! The `sluice` command line: `run`, `check`, `demo`.
+//! The `sluice` command line: `run`, `check`, `demo`, `plugin`.
+
+mod plugin;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,6 +54,8 @@ enum Command {
         #[arg(short, long, default_value = "examples/demo.toml")]
         config: PathBuf,
     },
+    /// List, push and roll back the Wasm policies of a running gateway (admin API).
+    Plugin(plugin::PluginArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -61,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config, workers } => run(&config, workers, false),
         Command::Demo { config } => run(&config, None, true),
+        Command::Plugin(args) => plugin::main(args),
     }
 }
 
@@ -308,7 +313,8 @@ async fn reload_on_sighup(path: PathBuf, control: Control) {
         return;
     };
     while hangups.recv().await.is_some() {
-        if let Err(error) = control.reload(&path).await {
+        let signal = crate::admin::Actor::Signal("SIGHUP");
+        if let Err(error) = control.reload_as(&path, &signal).await {
             tracing::error!(error = %error, "reload refused; the running config keeps serving");
         }
     }

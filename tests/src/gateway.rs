@@ -1,39 +1,67 @@
-//! The gateway under test, served in-process from manifest text, and a small
-//! builder for manifests.
+//! The gateway under test, served in-process from a manifest written to a
+//! temporary file (so `POST /reload` and [`TestGateway::reload`] re-read
+//! it), and a small builder for manifests.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+
+/// The manifest's file name in the gateway's temporary directory.
+const MANIFEST_FILE: &str = "test.toml";
 
 /// A running gateway. Dropping it signals shutdown and stops serving.
 #[derive(Debug)]
 pub struct TestGateway {
     /// The running config, its health checks and the changes made to it.
     control: sluice::admin::Control,
-    addrs: Vec<(String, SocketAddr)>,
+    /// One per worker: where the listeners' bound addresses are read.
+    reloaders: Vec<sluice::Reloader>,
+    /// The manifest file reloads read.
+    manifest: PathBuf,
+    /// Holds the manifest file; removed on drop.
+    _dir: tempfile::TempDir,
     admin: Option<SocketAddr>,
     admin_shutdown: Option<oneshot::Sender<()>>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<sluice::Drained>>,
+    shutdown: Option<watch::Sender<bool>>,
+    tasks: Vec<JoinHandle<sluice::Drained>>,
 }
 
 impl TestGateway {
-    /// Parses `manifest`, binds its listeners (use `listen = "127.0.0.1:0"`)
-    /// and starts serving. Errors name every manifest problem.
+    /// Writes `manifest` to a temporary file, loads it, binds its listeners
+    /// (use `listen = "127.0.0.1:0"`) and starts serving. Errors name every
+    /// manifest problem. Relative paths in the manifest are relative to that
+    /// file's directory: use absolute ones.
     pub async fn start(manifest: &str) -> anyhow::Result<TestGateway> {
-        let config = sluice::Config::parse(manifest, Path::new("test.toml")).map_err(|e| {
+        TestGateway::start_with_workers(manifest, 1).await
+    }
+
+    /// [`TestGateway::start`] with `workers` gateways on the test's runtime,
+    /// each with its own socket per listener (`SO_REUSEPORT`) and its own
+    /// upstream pools, as `sluice run --workers N` serves.
+    pub async fn start_with_workers(manifest: &str, workers: usize) -> anyhow::Result<TestGateway> {
+        let dir = tempfile::tempdir().context("creating the manifest's directory")?;
+        let path = dir.path().join(MANIFEST_FILE);
+        std::fs::write(&path, manifest).context("writing the manifest")?;
+        let config = sluice::Config::load(&path).map_err(|e| {
             anyhow::anyhow!("manifest rejected:\n{e}\n--- manifest ---\n{manifest}")
         })?;
-        let gateway = sluice::Gateway::bind(&config)
-            .await
+        let sockets = sluice::bind_for_workers(&config, workers)
             .context("binding the gateway's listeners")?;
-        let addrs = gateway.local_addrs();
+        let mut gateways = Vec::with_capacity(sockets.len());
+        for sockets in sockets {
+            gateways.push(
+                sluice::Gateway::from_listeners(&config, sockets)
+                    .context("binding the gateway's listeners")?,
+            );
+        }
+        let reloaders: Vec<sluice::Reloader> =
+            gateways.iter().map(sluice::Gateway::reloader).collect();
         let checks = config.start_health_checks();
-        let control = sluice::admin::Control::new(config, vec![gateway.reloader()], checks);
+        let control = sluice::admin::Control::new(config, reloaders.clone(), checks);
         let (admin, admin_shutdown) = match sluice::admin::Admin::bind(&control).await {
             None => (None, None),
             Some(bound) => {
@@ -46,35 +74,72 @@ impl TestGateway {
                 (addr, Some(tx))
             }
         };
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway.serve(async move {
-            let _ = rx.await;
-        }));
+        let (tx, rx) = watch::channel(false);
+        let tasks = gateways
+            .into_iter()
+            .map(|gateway| {
+                let mut stop = rx.clone();
+                tokio::spawn(gateway.serve(async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                }))
+            })
+            .collect();
         Ok(TestGateway {
             control,
-            addrs,
+            reloaders,
+            manifest: path,
+            _dir: dir,
             admin,
             admin_shutdown,
             shutdown: Some(tx),
-            task: Some(task),
+            tasks,
         })
     }
 
-    /// The bound address of the listener called `listener`.
+    /// The bound address of the listener called `listener`, as served now
+    /// (a reload may have added or removed listeners).
     ///
     /// # Panics
-    /// When the manifest has no such listener: a mistake in the test itself.
+    /// When the gateway serves no such listener: a mistake in the test itself.
     pub fn addr(&self, listener: &str) -> SocketAddr {
-        self.addrs
+        let addrs = self.listeners();
+        addrs
             .iter()
             .find(|(name, _)| name == listener)
             .map(|(_, addr)| *addr)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no listener named {listener:?}; the gateway has {:?}",
-                    self.addrs
-                )
-            })
+            .unwrap_or_else(|| panic!("no listener named {listener:?}; the gateway has {addrs:?}"))
+    }
+
+    /// Every listener served now, with its bound address.
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        self.reloaders
+            .first()
+            .map(sluice::Reloader::local_addrs)
+            .unwrap_or_default()
+    }
+
+    /// The manifest file: what `POST /reload` and [`TestGateway::reload`] read.
+    pub fn manifest_path(&self) -> &Path {
+        &self.manifest
+    }
+
+    /// Replaces the manifest file's text. Nothing changes until a reload.
+    pub fn rewrite(&self, manifest: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.manifest, manifest)
+            .with_context(|| format!("rewriting {}", self.manifest.display()))
+    }
+
+    /// Reloads the manifest file, as SIGHUP does.
+    pub async fn reload(&self) -> Result<(), sluice::admin::ReloadError> {
+        self.control.reload(&self.manifest).await
+    }
+
+    /// [`TestGateway::rewrite`], then [`TestGateway::reload`].
+    pub async fn reload_with(&self, manifest: &str) -> anyhow::Result<()> {
+        self.rewrite(manifest)?;
+        self.reload()
+            .await
+            .map_err(|e| anyhow::anyhow!("reload refused:\n{e}\n--- manifest ---\n{manifest}"))
     }
 
     /// The admin API's bound address.
@@ -108,16 +173,28 @@ impl TestGateway {
         self.plugin(plugin).counters.get(name).copied().unwrap_or(0)
     }
 
-    /// Signals shutdown and waits (bounded by `limit`) for the drain to end.
+    /// Signals shutdown and waits (bounded by `limit`) for the drain to end;
+    /// with several workers, connections left open are summed.
     pub async fn shutdown(mut self, limit: std::time::Duration) -> anyhow::Result<sluice::Drained> {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
-        let task = self.task.take().context("gateway already stopped")?;
-        let drained = tokio::time::timeout(limit, task)
+        anyhow::ensure!(!self.tasks.is_empty(), "gateway already stopped");
+        let tasks = futures_util::future::join_all(std::mem::take(&mut self.tasks));
+        let ended = tokio::time::timeout(limit, tasks)
             .await
-            .context("gateway did not drain in time")??;
-        Ok(drained)
+            .context("gateway did not drain in time")?;
+        let mut open = 0;
+        for drained in ended {
+            if let sluice::Drained::TimedOut { open: left } = drained? {
+                open += left;
+            }
+        }
+        Ok(if open == 0 {
+            sluice::Drained::Complete
+        } else {
+            sluice::Drained::TimedOut { open }
+        })
     }
 }
 
@@ -127,9 +204,9 @@ impl Drop for TestGateway {
             let _ = tx.send(());
         }
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
-        if let Some(task) = self.task.take() {
+        for task in &self.tasks {
             task.abort();
         }
     }

@@ -5,10 +5,15 @@
 //! was.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+
+use super::audit::{Action, Actor, AuditEntry, AuditLog};
 
 use crate::config::{Config, ConfigError};
 use crate::plugin::{Plugin, PluginError, PluginSpec, Source};
@@ -28,6 +33,25 @@ struct Inner {
     reloaders: Vec<Reloader>,
     /// Held for the length of a change, so changes apply one at a time.
     changes: tokio::sync::Mutex<Changes>,
+    /// Every change, for `GET /audit` and `[admin] audit_log`.
+    audit: AuditLog,
+    /// When this control plane took charge.
+    started: Instant,
+    started_at: SystemTime,
+    /// When the running manifest was loaded (start or last reload), ms since the Unix epoch.
+    loaded_at_ms: AtomicU64,
+    /// Successful reloads since the start.
+    reloads: AtomicU64,
+}
+
+/// How long the gateway has served and since when its manifest.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Serving {
+    pub(crate) started_at: SystemTime,
+    pub(crate) uptime: Duration,
+    /// When the running manifest was loaded: at the start or the last reload.
+    pub(crate) loaded_at: SystemTime,
+    pub(crate) reloads: u64,
 }
 
 /// What only a change touches.
@@ -100,8 +124,11 @@ pub enum ReloadError {
 
 impl Control {
     /// Takes charge of `config`, served by the workers behind `reloaders`,
-    /// whose active health checks are `checks`.
+    /// whose active health checks are `checks`. Changes are audited to
+    /// `config`'s `[admin] audit_log`, if any, for as long as this runs.
     pub fn new(config: Config, reloaders: Vec<Reloader>, checks: HealthChecks) -> Control {
+        let audit = AuditLog::new(config.admin.as_ref().and_then(|a| a.audit_log.as_ref()));
+        let started_at = SystemTime::now();
         Control {
             inner: Arc::new(Inner {
                 config: ArcSwap::from_pointee(config),
@@ -110,6 +137,11 @@ impl Control {
                     checks,
                     previous: HashMap::new(),
                 }),
+                audit,
+                started: Instant::now(),
+                started_at,
+                loaded_at_ms: AtomicU64::new(unix_ms(started_at)),
+                reloads: AtomicU64::new(0),
             }),
         }
     }
@@ -119,31 +151,88 @@ impl Control {
         self.inner.config.load_full()
     }
 
-    /// Re-reads the manifest at `path` and, when it is valid, serves it:
-    /// routes, upstreams and plugins are replaced, in-flight requests finish
-    /// on the old ones, and the new config's health checks start. Listener
-    /// changes need a restart (logged). Kept plugin versions are dropped.
+    /// The audit log every change is recorded in.
+    pub(crate) fn audit(&self) -> &AuditLog {
+        &self.inner.audit
+    }
+
+    /// How many workers serve the listeners.
+    pub(crate) fn workers(&self) -> usize {
+        self.inner.reloaders.len()
+    }
+
+    /// Each listener the workers serve and the address it is bound to,
+    /// counting only listeners every worker serves.
+    pub(crate) fn bound_listeners(&self) -> Vec<(String, SocketAddr)> {
+        let mut workers = self.inner.reloaders.iter().map(Reloader::local_addrs);
+        let Some(first) = workers.next() else {
+            return Vec::new();
+        };
+        let rest: Vec<_> = workers.collect();
+        first
+            .into_iter()
+            .filter(|(name, _)| rest.iter().all(|w| w.iter().any(|(n, _)| n == name)))
+            .collect()
+    }
+
+    /// How long the gateway has served, and since when its manifest.
+    pub(crate) fn serving(&self) -> Serving {
+        let loaded_ms = self.inner.loaded_at_ms.load(Ordering::Relaxed);
+        Serving {
+            started_at: self.inner.started_at,
+            uptime: self.inner.started.elapsed(),
+            loaded_at: SystemTime::UNIX_EPOCH + Duration::from_millis(loaded_ms),
+            reloads: self.inner.reloads.load(Ordering::Relaxed),
+        }
+    }
+
+    /// [`Control::reload`] asked for by `actor`, recorded in the audit log
+    /// (for a request, with the status it is answered with: 200 or 422).
+    /// `[admin]` itself is read at start only: changes to it are logged
+    /// and wait for a restart.
+    pub(crate) async fn reload_as(&self, path: &Path, actor: &Actor) -> Result<(), ReloadError> {
+        let admin_before = admin_table(&self.config());
+        let result = self.reload(path).await;
+        let asked = matches!(actor, Actor::Token { .. } | Actor::Peer(_));
+        let entry = AuditEntry::new(actor, Action::Reload, &path.display().to_string());
+        match &result {
+            Ok(()) => {
+                self.inner
+                    .loaded_at_ms
+                    .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+                self.inner.reloads.fetch_add(1, Ordering::Relaxed);
+                if admin_table(&self.config()) != admin_before {
+                    tracing::warn!(
+                        "[admin] changes in the manifest (listen, token, audit_log) take effect on restart only"
+                    );
+                }
+                self.inner.audit.record(entry.ok(asked.then_some(200)));
+            }
+            Err(error) => {
+                self.inner
+                    .audit
+                    .record(entry.refused(asked.then_some(422), &error.to_string()));
+            }
+        }
+        result
+    }
+
+    /// Re-reads the manifest at `path` and, when it is valid and its new
+    /// listeners can be bound, serves it; otherwise nothing changes.
+    ///
+    /// Routes and plugins are replaced; in-flight requests finish on the old
+    /// ones. An upstream whose definition is unchanged keeps its live state
+    /// (health, ejections, load, breaker states, retry budget, each worker's
+    /// pool with its idle connections, its running health checks); new and
+    /// changed upstreams start fresh, removed ones' checks stop. New
+    /// listeners start accepting on every worker; removed ones stop, their
+    /// connections finishing in-flight requests; a listener whose address is
+    /// unchanged keeps its socket and connections, and new connections take
+    /// its new settings. Kept plugin versions are dropped.
     pub async fn reload(&self, path: &Path) -> Result<(), ReloadError> {
-        let mut changes = self.inner.changes.lock().await;
-        let loaded = tokio::task::spawn_blocking({
-            let path = path.to_path_buf();
-            move || Config::load(&path)
-        })
-        .await
-        .map_err(|e| ReloadError::Aborted(e.to_string()))?;
-        let config = loaded?;
-        if config.listener_addrs() != self.inner.config.load().listener_addrs() {
-            tracing::warn!("listener changes in the manifest take effect on restart only");
-        }
-        for reloader in &self.inner.reloaders {
-            reloader.apply(&config);
-        }
-        // The new config's endpoints start fresh; the old checks stop.
-        changes.checks = config.start_health_checks();
-        changes.previous.clear();
-        self.inner.config.store(Arc::new(config));
-        tracing::info!(manifest = %path.display(), "reloaded routes and upstreams");
-        Ok(())
+        let result = self.reload_manifest(path).await;
+        self.inner.config.load().changes.reload(result.is_ok());
+        result
     }
 
     /// Builds a new version of plugin `name` (compile, link, instantiate,
@@ -154,6 +243,12 @@ impl Control {
         name: &str,
         change: PluginChange,
     ) -> Result<Swapped, SwapError> {
+        let result = self.try_swap(name, change).await;
+        self.inner.config.load().changes.swap(result.is_ok());
+        result
+    }
+
+    async fn try_swap(&self, name: &str, change: PluginChange) -> Result<Swapped, SwapError> {
         let mut changes = self.inner.changes.lock().await;
         let config = self.inner.config.load_full();
         let running = config
@@ -194,6 +289,12 @@ impl Control {
 
     /// Puts back the version plugin `name` ran before its last swap.
     pub(crate) async fn rollback(&self, name: &str) -> Result<Swapped, SwapError> {
+        let result = self.try_rollback(name).await;
+        self.inner.config.load().changes.swap(result.is_ok());
+        result
+    }
+
+    async fn try_rollback(&self, name: &str) -> Result<Swapped, SwapError> {
         let mut changes = self.inner.changes.lock().await;
         let config = self.inner.config.load_full();
         let running = config
@@ -234,6 +335,23 @@ impl Control {
     }
 }
 
+/// What of `[admin]` a reload cannot change: listen address, token, audit file.
+fn admin_table(config: &Config) -> Option<(SocketAddr, Option<Arc<str>>, Option<PathBuf>)> {
+    config.admin.as_ref().map(|a| {
+        (
+            a.addr,
+            a.token.clone(),
+            a.audit_log.as_ref().map(|log| log.path.clone()),
+        )
+    })
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn swapped(now: &Plugin, before: &Plugin) -> Swapped {
     Swapped {
         plugin: now.name.to_string(),
@@ -260,4 +378,52 @@ fn fits_in_place_of(config: &Config, running: &Plugin, new: &Plugin) -> Result<(
         )));
     }
     Ok(())
+}
+
+impl Control {
+    /// [`Control::reload`], uncounted.
+    async fn reload_manifest(&self, path: &Path) -> Result<(), ReloadError> {
+        let mut changes = self.inner.changes.lock().await;
+        let loaded = tokio::task::spawn_blocking({
+            let path = path.to_path_buf();
+            move || Config::load(&path)
+        })
+        .await
+        .map_err(|e| ReloadError::Aborted(e.to_string()))?;
+        let mut config = loaded?;
+        let running = self.inner.config.load_full();
+        config.adopt_metrics(&running);
+        let kept = config.keep_unchanged_upstreams(&running);
+        // The last step that can fail: until every new socket is bound, nothing has changed.
+        let reloaders = &self.inner.reloaders;
+        let listeners = crate::proxy::ListenerChange::bind(&running, &config, reloaders)?;
+        let (added, removed) = (listeners.added.clone(), listeners.removed.clone());
+        // Routes and upstreams first, so a new listener serves the new routes.
+        for reloader in reloaders {
+            reloader.apply(&config);
+        }
+        let closing = listeners.apply(&config, reloaders);
+        changes.checks = config.keep_health_checks(std::mem::take(&mut changes.checks));
+        changes.previous.clear();
+        let fresh: Vec<&str> = config
+            .upstreams
+            .iter()
+            .map(|u| u.name.as_str())
+            .filter(|name| !kept.iter().any(|k| k == name))
+            .collect();
+        for (listener, addr) in &added {
+            tracing::info!(listener, %addr, workers = reloaders.len(), "listening");
+        }
+        tracing::info!(
+            manifest = %path.display(),
+            upstreams_kept = ?kept,
+            upstreams_fresh = ?fresh,
+            listeners_added = ?added.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+            listeners_removed = ?removed,
+            "reloaded routes and upstreams"
+        );
+        self.inner.config.store(Arc::new(config));
+        closing.closed().await;
+        Ok(())
+    }
 }

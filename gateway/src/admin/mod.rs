@@ -3,13 +3,20 @@
 //!
 //! Served: `GET /upstreams` (endpoint health, load, breakers), `GET /plugins`,
 //! `PUT /plugins/{name}` (a new component), `PUT /plugins/{name}/config`,
-//! `POST /plugins/{name}/rollback` and `POST /reload`. Every change goes
-//! through [`Control`]: validated whole, then swapped; a refused change
-//! answers 422 with the reason and leaves the running config serving.
-//! The audit log, `/metrics` and `/health/*` are not built yet; their paths
-//! answer 404 with a JSON error saying so.
+//! `POST /plugins/{name}/rollback`, `POST /reload`, `GET /audit`,
+//! `GET /metrics` (Prometheus) and the health endpoints. Every change goes through [`Control`]: validated whole,
+//! then swapped; a refused change answers 422 with the reason and leaves the
+//! running config serving.
+//!
+//! Every change, applied or refused, and every change attempt refused for
+//! its token, is recorded in the audit log (`GET /audit?limit=N`, and
+//! `[admin] audit_log` as JSON lines). `GET /health/live` and
+//! `GET /health/ready` answer without the token, for load balancers;
+//! `GET /health`, `GET /metrics` and everything else need it.
 
+mod audit;
 mod control;
+mod health;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,6 +36,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use audit::Actor;
+use audit::{Action, AuditEntry};
 pub use control::{Control, KEPT_VERSIONS, ReloadError};
 use control::{PluginChange, SwapError};
 
@@ -58,6 +67,8 @@ pub struct Admin {
 struct AdminState {
     control: Control,
     token: Option<Arc<str>>,
+    /// How the audit log names the token.
+    token_id: Option<Arc<str>>,
 }
 
 /// Why the admin API could not start.
@@ -78,6 +89,7 @@ impl Admin {
                 listener,
                 state: Arc::new(AdminState {
                     control: control.clone(),
+                    token_id: admin.token.as_deref().map(Actor::token_id),
                     token: admin.token,
                 }),
             }),
@@ -169,115 +181,258 @@ async fn route(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if let Some(token) = &state.token
-        && !authorized(&req, token)
-    {
-        tracing::warn!(%peer, path = req.uri().path(), "admin request refused: bad or missing token");
-        let mut response = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static("Bearer"),
-        );
-        return response;
-    }
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     let control = &state.control;
+    // Probes carry no credentials.
+    if method == Method::GET || method == Method::HEAD {
+        match segments.as_slice() {
+            ["health", "live"] => return json(StatusCode::OK, &health::live()),
+            ["health", "ready"] => {
+                let (status, ready) = health::ready(control);
+                return json(status, &ready);
+            }
+            _ => {}
+        }
+    }
+    let change = change_of(control, &method, &segments);
+    let actor = match (&state.token, &state.token_id) {
+        (Some(token), Some(id)) if authorized(&req, token) => Actor::Token {
+            id: id.clone(),
+            peer,
+        },
+        (Some(_), _) => {
+            tracing::warn!(%peer, path, "admin request refused: bad or missing token");
+            if let Some((action, target)) = change {
+                control.audit().record(
+                    AuditEntry::new(&Actor::Peer(peer), action, &target)
+                        .unauthorized(StatusCode::UNAUTHORIZED.as_u16()),
+                );
+            }
+            let mut response = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+        (None, _) => Actor::Peer(peer),
+    };
+    if let Some((action, target)) = change {
+        let entry = AuditEntry::new(&actor, action, &target);
+        return match action {
+            Action::Upload => {
+                let outcome = upload(control, &target, req, entry).await;
+                finish(control, outcome)
+            }
+            Action::Config => {
+                let outcome = configure(control, &target, req, entry).await;
+                finish(control, outcome)
+            }
+            Action::Rollback => {
+                let mut entry = entry;
+                entry.old_version = running_version(control, &target);
+                let outcome = control.rollback(&target).await;
+                finish(control, swap_outcome(entry, outcome))
+            }
+            Action::Reload => {
+                let manifest = control.config().source().to_path_buf();
+                match control.reload_as(&manifest, &actor).await {
+                    Ok(()) => {
+                        tracing::info!(%peer, "admin: reloaded the manifest");
+                        json(StatusCode::OK, &serde_json::json!({ "reloaded": manifest }))
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "admin: reload refused");
+                        error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string())
+                    }
+                }
+            }
+        };
+    }
     match (method, segments.as_slice()) {
         (Method::GET, ["upstreams"]) => json(StatusCode::OK, &upstreams(&control.config())),
         (Method::GET, ["plugins"]) => json(StatusCode::OK, &plugins(control).await),
-        (Method::PUT, ["plugins", name]) => {
-            let name = (*name).to_string();
-            let config = match query_config(req.uri().query()) {
-                Ok(config) => config,
-                Err(message) => return error(StatusCode::BAD_REQUEST, &message),
-            };
-            let bytes = match read_body(req, MAX_UPLOAD_BYTES).await {
-                Ok(bytes) => bytes,
-                Err(response) => return response,
-            };
-            let change = PluginChange::Component {
-                bytes: bytes.to_vec(),
-                config,
-            };
-            changed(peer, "upload", &name, control.swap(&name, change).await)
-        }
-        (Method::PUT, ["plugins", name, "config"]) => {
-            let name = (*name).to_string();
-            let bytes = match read_body(req, MAX_BODY_BYTES).await {
-                Ok(bytes) => bytes,
-                Err(response) => return response,
-            };
-            let config = match config_json(&bytes) {
-                Ok(config) => config,
-                Err(message) => return error(StatusCode::BAD_REQUEST, &message),
-            };
-            let change = PluginChange::Config(config);
-            changed(peer, "config", &name, control.swap(&name, change).await)
-        }
-        (Method::POST, ["plugins", name, "rollback"]) => {
-            let name = (*name).to_string();
-            changed(peer, "rollback", &name, control.rollback(&name).await)
-        }
-        (Method::POST, ["reload"]) => {
-            let path = control.config().source().to_path_buf();
-            match control.reload(&path).await {
-                Ok(()) => {
-                    tracing::info!(%peer, "admin: reloaded the manifest");
-                    json(StatusCode::OK, &serde_json::json!({ "reloaded": path }))
-                }
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "admin: reload refused");
-                    error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string())
-                }
-            }
-        }
+        (Method::GET, ["metrics"]) => metrics(control),
+        (Method::GET, ["audit"]) => match query_limit(req.uri().query()) {
+            Ok(limit) => json(StatusCode::OK, &control.audit().recent(limit)),
+            Err(message) => error(StatusCode::BAD_REQUEST, &message),
+        },
+        (Method::GET | Method::HEAD, ["health"]) => json(StatusCode::OK, &health::report(control)),
         (
             _,
-            ["upstreams" | "plugins" | "reload"]
+            ["upstreams" | "plugins" | "reload" | "audit" | "health" | "metrics"]
             | ["plugins", _]
-            | ["plugins", _, "config" | "rollback"],
+            | ["plugins", _, "config" | "rollback"]
+            | ["health", "live" | "ready"],
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
         _ => error(
             StatusCode::NOT_FOUND,
             &format!(
-                "no admin endpoint {path}; this build serves GET /upstreams, GET /plugins, PUT /plugins/NAME, PUT /plugins/NAME/config, POST /plugins/NAME/rollback and POST /reload"
+                "no admin endpoint {path}; this build serves GET /upstreams, GET /plugins, PUT /plugins/NAME, PUT /plugins/NAME/config, POST /plugins/NAME/rollback, POST /reload, GET /audit, GET /metrics, GET /health, GET /health/live and GET /health/ready"
             ),
         ),
     }
 }
 
-/// The answer to a plugin change, logged.
-fn changed(
-    peer: SocketAddr,
-    what: &str,
+/// The change a request asks for, and its target (a plugin name or the
+/// manifest path), when it asks for one.
+fn change_of(control: &Control, method: &Method, segments: &[&str]) -> Option<(Action, String)> {
+    let (action, target) = match (method, segments) {
+        (&Method::PUT, ["plugins", name]) => (Action::Upload, *name),
+        (&Method::PUT, ["plugins", name, "config"]) => (Action::Config, *name),
+        (&Method::POST, ["plugins", name, "rollback"]) => (Action::Rollback, *name),
+        (&Method::POST, ["reload"]) => {
+            let manifest = control.config().source().display().to_string();
+            return Some((Action::Reload, manifest));
+        }
+        _ => return None,
+    };
+    Some((action, target.to_string()))
+}
+
+/// Why a change was refused: the status it is answered with and the reason.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// A plugin change's answer and audit entry.
+type ChangeOutcome = (AuditEntry, Result<serde_json::Value, Refusal>);
+
+/// `PUT /plugins/{name}`: a new component, with `?config=JSON` optionally.
+async fn upload(
+    control: &Control,
     name: &str,
+    req: Request<Incoming>,
+    mut entry: AuditEntry,
+) -> ChangeOutcome {
+    entry.old_version = running_version(control, name);
+    let config = match query_config(req.uri().query()) {
+        Ok(config) => config,
+        Err(message) => return (entry, Err(Refusal::new(StatusCode::BAD_REQUEST, message))),
+    };
+    let bytes = match read_body(req, MAX_UPLOAD_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(refusal) => return (entry, Err(refusal)),
+    };
+    // The offered version, so a refused one is on record too; hashing up
+    // to MAX_UPLOAD_BYTES is work for a blocking thread.
+    entry.new_version = tokio::task::spawn_blocking({
+        let bytes = bytes.clone();
+        move || audit::sha256_hex(&bytes)
+    })
+    .await
+    .ok();
+    let change = PluginChange::Component {
+        bytes: bytes.to_vec(),
+        config,
+    };
+    let outcome = control.swap(name, change).await;
+    swap_outcome(entry, outcome)
+}
+
+/// `PUT /plugins/{name}/config`: new config JSON for the running component.
+async fn configure(
+    control: &Control,
+    name: &str,
+    req: Request<Incoming>,
+    mut entry: AuditEntry,
+) -> ChangeOutcome {
+    entry.old_version = running_version(control, name);
+    entry.new_version.clone_from(&entry.old_version);
+    let bytes = match read_body(req, MAX_BODY_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(refusal) => return (entry, Err(refusal)),
+    };
+    let config = match config_json(&bytes) {
+        Ok(config) => config,
+        Err(message) => return (entry, Err(Refusal::new(StatusCode::BAD_REQUEST, message))),
+    };
+    let outcome = control.swap(name, PluginChange::Config(config)).await;
+    swap_outcome(entry, outcome)
+}
+
+/// The SHA-256 of plugin `name`'s running component, if it is loaded.
+fn running_version(control: &Control, name: &str) -> Option<String> {
+    control.config().plugin(name).map(|p| p.version.clone())
+}
+
+/// A swap's or rollback's result as an answer; the entry gets the
+/// versions and config now running.
+fn swap_outcome(
+    mut entry: AuditEntry,
     result: Result<control::Swapped, SwapError>,
-) -> Response<Full<Bytes>> {
+) -> ChangeOutcome {
     match result {
         Ok(swapped) => {
-            tracing::info!(%peer, plugin = name, change = what, version = %swapped.version, previous = %swapped.previous, "admin: plugin swapped");
-            json(StatusCode::OK, &swapped)
+            entry.old_version = Some(swapped.previous.clone());
+            entry.new_version = Some(swapped.version.clone());
+            entry.config = Some(swapped.config.clone());
+            let answer = serde_json::to_value(&swapped).unwrap_or_default();
+            (entry, Ok(answer))
         }
         Err(e) => {
-            tracing::warn!(%peer, plugin = name, change = what, error = %e, "admin: plugin change refused");
             let status = match e {
                 SwapError::Unknown(_) => StatusCode::NOT_FOUND,
                 SwapError::NoPrevious(_) => StatusCode::CONFLICT,
                 SwapError::Invalid(_) | SwapError::Unfit(_) => StatusCode::UNPROCESSABLE_ENTITY,
             };
-            error(status, &e.to_string())
+            (entry, Err(Refusal::new(status, e.to_string())))
+        }
+    }
+}
+
+/// Answers a plugin change, logs it and records it in the audit log.
+fn finish(control: &Control, (entry, outcome): ChangeOutcome) -> Response<Full<Bytes>> {
+    match outcome {
+        Ok(answer) => {
+            tracing::info!(
+                who = %entry.who(),
+                change = ?entry.action(),
+                plugin = entry.target(),
+                version = entry.new_version.as_deref().unwrap_or_default(),
+                previous = entry.old_version.as_deref().unwrap_or_default(),
+                "admin: plugin swapped"
+            );
+            control
+                .audit()
+                .record(entry.ok(Some(StatusCode::OK.as_u16())));
+            json(StatusCode::OK, &answer)
+        }
+        Err(refusal) => {
+            tracing::warn!(
+                who = %entry.who(),
+                change = ?entry.action(),
+                plugin = entry.target(),
+                error = %refusal.message,
+                "admin: plugin change refused"
+            );
+            control
+                .audit()
+                .record(entry.refused(Some(refusal.status.as_u16()), &refusal.message));
+            error(refusal.status, &refusal.message)
         }
     }
 }
 
 /// Reads the whole body, up to `limit` bytes and [`BODY_READ_TIMEOUT`].
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Full<Bytes>>> {
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
     let too_large = || {
-        error(
+        Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the body is larger than {limit} bytes"),
+            format!("the body is larger than {limit} bytes"),
         )
     };
     let declared = req
@@ -292,11 +447,11 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Respon
     match tokio::time::timeout(BODY_READ_TIMEOUT, body).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(error(
+        Ok(Err(e)) => Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            &format!("cannot read the body: {e}"),
+            format!("cannot read the body: {e}"),
         )),
-        Err(_) => Err(error(
+        Err(_) => Err(Refusal::new(
             StatusCode::REQUEST_TIMEOUT,
             "the body did not arrive in time",
         )),
@@ -328,6 +483,24 @@ fn query_config(query: Option<&str>) -> Result<Option<String>, String> {
         config = Some(config_json(value.as_bytes())?);
     }
     Ok(config)
+}
+
+/// `?limit=N` on `GET /audit`, when present.
+fn query_limit(query: Option<&str>) -> Result<Option<usize>, String> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut limit = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key != "limit" {
+            return Err(format!("unknown query parameter \"{key}\" (only limit=N)"));
+        }
+        limit =
+            Some(value.parse::<usize>().map_err(|_| {
+                format!("limit must be a whole number of entries, not \"{value}\"")
+            })?);
+    }
+    Ok(limit)
 }
 
 /// One plugin in `GET /plugins`.
@@ -403,6 +576,17 @@ fn upstreams(config: &Config) -> Vec<UpstreamStatus> {
             endpoints: u.endpoint_set.status(u.health.is_some()),
         })
         .collect()
+}
+
+/// `GET /metrics`: the Prometheus exposition of the running gateway.
+fn metrics(control: &Control) -> Response<Full<Bytes>> {
+    let text = crate::telemetry::metrics::render(control.config());
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(crate::telemetry::metrics::CONTENT_TYPE),
+    );
+    response
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {

@@ -171,6 +171,8 @@ pub(crate) struct AdminFile {
     pub(crate) listen: String,
     /// The token, or `env:NAME` to read it from the environment.
     pub(crate) token: Option<String>,
+    /// The JSONL file admin changes are appended to, relative to the manifest's directory.
+    pub(crate) audit_log: Option<String>,
 }
 
 /// An endpoint: either `"host:port"` or a table with details.

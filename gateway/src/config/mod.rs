@@ -21,6 +21,7 @@ use crate::plugin::chain::Chain;
 use crate::plugin::geo::GeoDatabase;
 use crate::plugin::{OnError, Plugin, PluginError, PluginSpec, Source};
 use crate::route::{HostMatch, PathMatch, Route, RouteMatch, RouteTable};
+use crate::telemetry::metrics::{ChangeCounts, ConnectionCounts};
 use crate::upstream::{EndpointSet, HealthCheck, HealthChecks, Passive, RetryPolicy};
 use file::{
     AdminFile, EndpointFile, GeoFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile,
@@ -70,6 +71,8 @@ pub struct Config {
     pub(crate) routes: RouteTable,
     /// Every loaded plugin by name, including builtins used directly as balancers.
     pub(crate) plugins: BTreeMap<String, Arc<Plugin>>,
+    /// Reloads and live swaps counted, for `/metrics`; kept across both.
+    pub(crate) changes: Arc<ChangeCounts>,
 }
 
 /// One listener, ready to bind.
@@ -85,6 +88,8 @@ pub(crate) struct ListenerConfig {
     pub(crate) max_header_bytes: usize,
     pub(crate) max_headers: usize,
     pub(crate) max_body_bytes: Option<u64>,
+    /// Its connections, for `/metrics`; kept across reloads.
+    pub(crate) connections: Arc<ConnectionCounts>,
 }
 
 impl fmt::Debug for ListenerConfig {
@@ -108,12 +113,55 @@ pub(crate) struct UpstreamConfig {
     pub(crate) timeout: Duration,
     /// The plugin that picks endpoints; `None` for the core's weighted round-robin.
     pub(crate) balancer: Option<Arc<Plugin>>,
-    /// The endpoints' live state, shared by every worker serving this config.
+    /// Passive health: `passive = { max_fails, fail_timeout }` or nginx's defaults.
+    pub(crate) passive: Passive,
+    /// The endpoints' live state, shared by every worker serving this config
+    /// (and kept by a reload that leaves the upstream unchanged).
     pub(crate) endpoint_set: Arc<EndpointSet>,
     /// Active health checks, when `health` is configured.
     pub(crate) health: Option<Arc<HealthCheck>>,
     /// Retries, when `retries` is configured (with its budget, shared by every worker).
     pub(crate) retries: Option<Arc<RetryPolicy>>,
+}
+
+impl UpstreamConfig {
+    /// Whether `other` defines the same upstream, as the manifest's values
+    /// come out of validation (so `"2s"` and `"2000ms"` are equal): name;
+    /// endpoints in order, with weights, labels and backup flags; balancer,
+    /// by name (a plugin's own changes are a plugin change, as a swap);
+    /// passive and active health; retries; pool size and idle time; connect
+    /// and response timeouts.
+    pub(crate) fn same_definition(&self, other: &UpstreamConfig) -> bool {
+        // Every field is named, so a new one cannot be left out by mistake.
+        let UpstreamConfig {
+            name,
+            endpoints,
+            keepalive,
+            keepalive_timeout,
+            connect_timeout,
+            timeout,
+            balancer,
+            passive,
+            endpoint_set: _,
+            health,
+            retries,
+        } = self;
+        let same_retries = match (retries, &other.retries) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same_settings(b),
+            _ => false,
+        };
+        *name == other.name
+            && *endpoints == other.endpoints
+            && *keepalive == other.keepalive
+            && *keepalive_timeout == other.keepalive_timeout
+            && *connect_timeout == other.connect_timeout
+            && *timeout == other.timeout
+            && balancer.as_ref().map(|b| &b.name) == other.balancer.as_ref().map(|b| &b.name)
+            && *passive == other.passive
+            && health.as_deref() == other.health.as_deref()
+            && same_retries
+    }
 }
 
 /// `[admin]`: the admin API listener.
@@ -122,6 +170,8 @@ pub(crate) struct AdminConfig {
     pub(crate) addr: SocketAddr,
     /// The bearer token every request must carry; `None` only on loopback.
     pub(crate) token: Option<Arc<str>>,
+    /// `audit_log`: where admin changes are appended; `None` keeps them in memory only.
+    pub(crate) audit_log: Option<AuditLogFile>,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -129,8 +179,18 @@ impl fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("audit_log", &self.audit_log.as_ref().map(|a| &a.path))
             .finish()
     }
+}
+
+/// `[admin] audit_log`, opened for appending when the manifest is loaded,
+/// so a path that cannot be written is a manifest error, not a lost entry.
+#[derive(Debug, Clone)]
+pub(crate) struct AuditLogFile {
+    /// The path, resolved against the manifest's directory.
+    pub(crate) path: PathBuf,
+    pub(crate) file: Arc<std::fs::File>,
 }
 
 /// One endpoint of an upstream.
@@ -164,7 +224,8 @@ impl ConfigError {
         &self.problems
     }
 
-    fn single(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
+    /// One problem, at `key` of `file`.
+    pub(crate) fn single(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             file: file.to_path_buf(),
             problems: vec![Problem {
@@ -238,6 +299,19 @@ impl Config {
         self.plugins.get(name).map(|p| p.report())
     }
 
+    /// Takes over the metrics of the routes and listeners that `old` (the
+    /// config this one replaces) shares with it by name, so a reload does not
+    /// reset their counters.
+    pub(crate) fn adopt_metrics(&mut self, old: &Config) {
+        self.changes = old.changes.clone();
+        self.routes.adopt_metrics(&old.routes);
+        for listener in &mut self.listeners {
+            if let Some(kept) = old.listeners.iter().find(|l| l.name == listener.name) {
+                listener.connections = kept.connections.clone();
+            }
+        }
+    }
+
     /// This config with `plugin` in place of the loaded plugin of the same
     /// name: in the plugin list, every route's chain and every upstream's
     /// balancer. Everything else (endpoints and their health, limits) is
@@ -285,13 +359,46 @@ impl Config {
     /// the current tokio runtime. They run until the handle is dropped: keep
     /// it as long as this config serves, and drop it when a reload replaces it.
     pub fn start_health_checks(&self) -> HealthChecks {
+        self.keep_health_checks(HealthChecks::default())
+    }
+
+    /// The health checks of this config, made from `running`'s: the checks
+    /// of endpoint sets this config kept (see [`Config::keep_unchanged_upstreams`])
+    /// run on, new and changed upstreams' checks start on the current tokio
+    /// runtime, and the rest (removed and changed upstreams') stop as
+    /// `running` drops.
+    pub(crate) fn keep_health_checks(&self, mut running: HealthChecks) -> HealthChecks {
         let mut checks = HealthChecks::default();
         for upstream in &self.upstreams {
             if let Some(check) = &upstream.health {
-                checks.start(&upstream.endpoint_set, check);
+                checks.keep_or_start(&mut running, &upstream.endpoint_set, check);
             }
         }
         checks
+    }
+
+    /// Gives each upstream that `running` defines the same way (see
+    /// [`UpstreamConfig::same_definition`]) the running one's live state: its
+    /// endpoint set (health, ejections, in-flight and latency figures,
+    /// breaker states, selection counts), its retry budget and its health
+    /// check settings, so that workers keep its connection pools and
+    /// [`Config::keep_health_checks`] its running checks. New and changed
+    /// upstreams keep the fresh state they were validated with. Returns the
+    /// names of the upstreams kept.
+    pub(crate) fn keep_unchanged_upstreams(&mut self, running: &Config) -> Vec<String> {
+        let mut kept = Vec::new();
+        for upstream in &mut self.upstreams {
+            let Some(old) = running.upstreams.iter().find(|u| u.name == upstream.name) else {
+                continue;
+            };
+            if upstream.same_definition(old) {
+                upstream.endpoint_set = old.endpoint_set.clone();
+                upstream.health = old.health.clone();
+                upstream.retries = old.retries.clone();
+                kept.push(upstream.name.clone());
+            }
+        }
+        kept
     }
 
     /// Listener names with the addresses they are configured to bind.
@@ -409,6 +516,7 @@ impl Validator<'_> {
                 upstreams,
                 routes,
                 plugins: self.plugins,
+                changes: Arc::default(),
             })
         } else {
             Err(ConfigError {
@@ -501,6 +609,7 @@ impl Validator<'_> {
                 max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
                 max_headers: file.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
                 max_body_bytes: file.max_body_bytes.map(|b| b.0),
+                connections: Arc::default(),
             });
         }
         out
@@ -580,6 +689,7 @@ impl Validator<'_> {
             name: name.to_string(),
             endpoint_set,
             endpoints,
+            passive,
             keepalive: file.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
             keepalive_timeout: file
                 .keepalive_timeout
@@ -594,8 +704,13 @@ impl Validator<'_> {
         }
     }
 
-    /// Checks `[admin]`: a parseable address, and a token unless on loopback.
+    /// Checks `[admin]`: a parseable address, a token unless on loopback,
+    /// and an `audit_log` that can be appended to.
     fn admin(&mut self, file: &AdminFile) -> Option<AdminConfig> {
+        let audit_log = file
+            .audit_log
+            .as_deref()
+            .and_then(|path| self.audit_log(path));
         let Ok(addr) = file.listen.parse::<SocketAddr>() else {
             self.problem(
                 "admin.listen",
@@ -636,7 +751,36 @@ impl Validator<'_> {
             );
             return None;
         }
-        Some(AdminConfig { addr, token })
+        Some(AdminConfig {
+            addr,
+            token,
+            audit_log,
+        })
+    }
+
+    /// Opens `[admin] audit_log` (relative to the manifest's directory) for
+    /// appending, creating it when missing.
+    fn audit_log(&mut self, path: &str) -> Option<AuditLogFile> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = self.base.join(path);
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(&path)
+        {
+            Ok(file) => Some(AuditLogFile {
+                path,
+                file: Arc::new(file),
+            }),
+            Err(error) => {
+                self.problem(
+                    "admin.audit_log",
+                    format!("cannot open \"{}\" for appending: {error}", path.display()),
+                );
+                None
+            }
+        }
     }
 
     /// Opens `[geo] database` (relative to the manifest's directory).
@@ -804,6 +948,7 @@ impl Validator<'_> {
                 max_body_bytes: file.max_body_bytes.map(|b| b.0),
                 chain,
                 order: i,
+                metrics: Default::default(),
             });
         }
         RouteTable::new(routes)

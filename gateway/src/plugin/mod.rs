@@ -40,6 +40,7 @@ use bindings::exports::sluice::policy::{
 pub(crate) use bindings::sluice::policy::types::{Action, ErrorKind, Outcome, Reply};
 use host::{CandidatesHandle, Ctx, RequestHandle, RequestState, ResponseHandle, UpstreamHandle};
 pub use scope::CallStatsSnapshot;
+pub(crate) use scope::CallTotals;
 use scope::{Failure, PluginScope};
 
 /// What the host knows about one loaded plugin.
@@ -349,6 +350,11 @@ impl Plugin {
     /// Whether the plugin exports `pick` (it can be an upstream's balancer).
     pub(crate) fn is_balancer(&self) -> bool {
         self.exports.balance.is_some()
+    }
+
+    /// The host's call counters and latency histogram, for `/metrics`.
+    pub(crate) fn call_totals(&self) -> CallTotals {
+        self.scope.stats.totals()
     }
 
     /// Source, version, the host's call statistics and the plugin's own metrics.

@@ -134,6 +134,8 @@ pub(crate) struct CallStats {
     instances: AtomicU64,
     /// Call latency: bucket `i` counts calls under 2^i microseconds (the last one the rest).
     latency: [AtomicU64; LATENCY_BUCKETS],
+    /// Total call time, in nanoseconds.
+    latency_sum_ns: AtomicU64,
 }
 
 const LATENCY_BUCKETS: usize = 20;
@@ -156,6 +158,8 @@ impl CallStats {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let bucket = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_sum_ns.fetch_add(nanos, Ordering::Relaxed);
         match failure {
             None => {}
             Some(Failure::Invalid) => {
@@ -201,6 +205,43 @@ impl CallStats {
             p99_us,
         }
     }
+}
+
+impl CallStats {
+    /// The counters with the whole latency histogram, for `/metrics`.
+    pub(crate) fn totals(&self) -> CallTotals {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let last = LATENCY_BUCKETS - 1;
+        let bounds = (0..LATENCY_BUCKETS).map(|i| {
+            if i == last {
+                f64::INFINITY
+            } else {
+                (1u64 << i) as f64 / 1e6
+            }
+        });
+        let latency: Vec<(f64, u64)> = bounds.zip(self.latency.iter().map(load)).collect();
+        CallTotals {
+            calls: latency.iter().map(|&(_, n)| n).sum(),
+            errors: load(&self.errors),
+            traps: load(&self.traps),
+            timeouts: load(&self.timeouts),
+            latency_sum_s: load(&self.latency_sum_ns) as f64 / 1e9,
+            latency,
+        }
+    }
+}
+
+/// A plugin's call counters and cumulative latency buckets at one moment.
+#[derive(Debug, Clone)]
+pub(crate) struct CallTotals {
+    pub(crate) calls: u64,
+    pub(crate) errors: u64,
+    pub(crate) traps: u64,
+    pub(crate) timeouts: u64,
+    /// Total call time, in seconds.
+    pub(crate) latency_sum_s: f64,
+    /// `(upper bound in seconds, calls)` per bucket; the last bound is +Inf.
+    pub(crate) latency: Vec<(f64, u64)>,
 }
 
 /// Call statistics of one plugin at one moment.

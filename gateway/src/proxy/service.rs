@@ -20,6 +20,7 @@ use crate::plugin::chain::{LocalReply, Verdict, apply_on_error};
 use crate::plugin::host::{RequestState, copy_parts};
 use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
 use crate::route::{RequestFacts, request_host};
+use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::{self, AccessRecord};
 use crate::upstream::{Endpoint, EndpointSet, TryResult};
 
@@ -56,6 +57,8 @@ struct Outcome {
     attempts: u32,
     /// How long a policy held the request before it was forwarded (`request.delay`).
     delayed: Duration,
+    /// Where the request is counted: its route's metrics, or the unrouted ones.
+    metrics: Option<Arc<RouteMetrics>>,
 }
 
 /// hyper's entry point for each request on a connection.
@@ -78,6 +81,9 @@ pub(crate) async fn handle(
     let response = proxy(&conn, req, &mut outcome, started)
         .await
         .map(|body| body.with_in_flight(in_flight));
+    if let Some(metrics) = outcome.metrics.take() {
+        metrics.record(response.status(), started.elapsed());
+    }
     let Some((method, uri, host, version)) = head else {
         return Ok(response);
     };
@@ -113,11 +119,12 @@ async fn proxy(
     started: Instant,
 ) -> Response<ResponseBody> {
     let listener = &conn.listener;
+    let tables = listener.tables.load_full();
     if let Some(port) = listener.config.redirect_https {
+        outcome.metrics = Some(tables.routes.unrouted().clone());
         return redirect_to_https(&req, port, outcome);
     }
 
-    let tables = listener.tables.load_full();
     let route = {
         let host = request_host(req.uri(), req.headers());
         let facts = RequestFacts {
@@ -129,6 +136,7 @@ async fn proxy(
         tables.routes.find(&facts)
     };
     let Some(route) = route else {
+        outcome.metrics = Some(tables.routes.unrouted().clone());
         return local(
             StatusCode::NOT_FOUND,
             "no route matches this request\n",
@@ -137,6 +145,7 @@ async fn proxy(
         );
     };
     outcome.route = Some(route.name.clone());
+    outcome.metrics = Some(route.metrics.clone());
 
     let body_limit = route.max_body_bytes.or(listener.config.max_body_bytes);
     if let Some(limit) = body_limit

@@ -7,8 +7,11 @@
 //! matcher holds, so it allocates nothing and takes no lock.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::telemetry::metrics::RouteMetrics;
 
 /// How a route matches the request's host (lower-case, port removed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +60,8 @@ pub(crate) struct Route {
     pub(crate) chain: crate::plugin::chain::Chain,
     /// Position in the manifest, the tie-breaker between equally specific routes.
     pub(crate) order: usize,
+    /// What its requests did, for `/metrics`; kept across reloads and swaps.
+    pub(crate) metrics: Arc<RouteMetrics>,
 }
 
 /// The facts about a request that routing looks at.
@@ -171,6 +176,8 @@ impl RouteMatch {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RouteTable {
     routes: Vec<Route>,
+    /// Requests no route matched, for `/metrics`.
+    unrouted: Arc<RouteMetrics>,
 }
 
 impl RouteTable {
@@ -181,7 +188,10 @@ impl RouteTable {
                 .specificity_cmp(&a.matcher)
                 .then(a.order.cmp(&b.order))
         });
-        RouteTable { routes }
+        RouteTable {
+            routes,
+            unrouted: Arc::default(),
+        }
     }
 
     /// The route that serves this request, if any.
@@ -200,7 +210,37 @@ impl RouteTable {
                 ..route.clone()
             })
             .collect();
-        RouteTable { routes }
+        RouteTable {
+            routes,
+            unrouted: self.unrouted.clone(),
+        }
+    }
+
+    /// Where requests no route matched are counted.
+    pub(crate) fn unrouted(&self) -> &Arc<RouteMetrics> {
+        &self.unrouted
+    }
+
+    /// Each route's metrics by name, in manifest order, then the unrouted
+    /// requests' under the empty name.
+    pub(crate) fn metrics(&self) -> impl Iterator<Item = (&str, &RouteMetrics)> {
+        let mut routes: Vec<&Route> = self.routes.iter().collect();
+        routes.sort_by_key(|r| r.order);
+        routes
+            .into_iter()
+            .map(|r| (&*r.name, &*r.metrics))
+            .chain([("", &*self.unrouted)])
+    }
+
+    /// Takes over the counters of `old`'s routes that this table keeps (by
+    /// name), so a reload does not reset them.
+    pub(crate) fn adopt_metrics(&mut self, old: &RouteTable) {
+        for route in &mut self.routes {
+            if let Some(kept) = old.routes.iter().find(|r| r.name == route.name) {
+                route.metrics = kept.metrics.clone();
+            }
+        }
+        self.unrouted = old.unrouted.clone();
     }
 
     /// Whether any route's chain runs plugin `name`.
@@ -208,8 +248,7 @@ impl RouteTable {
         self.routes.iter().any(|r| r.chain.contains(name))
     }
 
-    /// Routes in lookup order.
-    #[cfg(test)]
+    /// Routes in lookup order (`/health` reports each one).
     pub(crate) fn routes(&self) -> &[Route] {
         &self.routes
     }
@@ -283,6 +322,7 @@ mod tests {
             upstream: 0,
             max_body_bytes: None,
             order,
+            metrics: Default::default(),
         }
     }
 

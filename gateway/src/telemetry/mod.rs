@@ -1,8 +1,11 @@
-//! Logging: the JSON access log (one line per request) and diagnostics,
-//! both through `tracing`, written off the runtime threads.
+//! Logging and metrics: the JSON access log (one line per request) and
+//! diagnostics, both through `tracing` and written off the runtime threads,
+//! and the Prometheus [`metrics`].
 //!
 //! `RUST_LOG` filters as usual; the access log's target is `sluice::access`
 //! (`RUST_LOG=info,sluice::access=off` turns it off).
+
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,7 +10,8 @@
 //! starts servers at the lowest healthy level).
 //!
 //! The tasks stop when the [`HealthChecks`] handle is dropped: when the
-//! config they belong to is replaced.
+//! config they belong to is replaced. A reload hands the checks of the
+//! upstreams it keeps unchanged to the new handle, so they run on.
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -58,20 +59,49 @@ pub(crate) struct HealthCheck {
 /// Running checks; dropping the handle stops them.
 #[derive(Debug, Default)]
 pub struct HealthChecks {
+    running: Vec<SetChecks>,
+}
+
+/// The checks of one endpoint set; dropping them stops them.
+#[derive(Debug)]
+struct SetChecks {
+    set: Weak<EndpointSet>,
     tasks: Vec<AbortHandle>,
 }
 
 impl HealthChecks {
     /// Starts `check` on every endpoint of `set`, on the current runtime.
     pub(crate) fn start(&mut self, set: &Arc<EndpointSet>, check: &Arc<HealthCheck>) {
-        for id in 0..set.endpoints.len() {
-            let task = tokio::spawn(check_endpoint(Arc::downgrade(set), id, check.clone()));
-            self.tasks.push(task.abort_handle());
+        let tasks = (0..set.endpoints.len())
+            .map(|id| {
+                tokio::spawn(check_endpoint(Arc::downgrade(set), id, check.clone())).abort_handle()
+            })
+            .collect();
+        self.running.push(SetChecks {
+            set: Arc::downgrade(set),
+            tasks,
+        });
+    }
+
+    /// Moves the checks running on `set` from `running` to `self`, or
+    /// starts `check` on it when none run: a reload keeps the checks of the
+    /// endpoint sets it keeps, so their rise/fall counts carry on.
+    pub(crate) fn keep_or_start(
+        &mut self,
+        running: &mut HealthChecks,
+        set: &Arc<EndpointSet>,
+        check: &Arc<HealthCheck>,
+    ) {
+        match running.running.iter().position(|c| {
+            c.set.strong_count() > 0 && std::ptr::eq(c.set.as_ptr(), Arc::as_ptr(set))
+        }) {
+            Some(index) => self.running.push(running.running.swap_remove(index)),
+            None => self.start(set, check),
         }
     }
 }
 
-impl Drop for HealthChecks {
+impl Drop for SetChecks {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();

@@ -8,9 +8,11 @@
 //! - outlier ejection, asked for by a plugin (`health.eject`), Envoy's
 //!   outlier detection.
 //!
-//! One [`EndpointSet`] exists per upstream per loaded config, shared by all
-//! worker threads (each worker keeps its own connection pool), so health,
-//! rotation counters and selection counts are global to the process.
+//! One [`EndpointSet`] exists per upstream definition, shared by all worker
+//! threads (each worker keeps its own connection pool), so health, rotation
+//! counters and selection counts are global to the process. A reload that
+//! leaves an upstream's definition unchanged keeps its set, and with it all
+//! of that state.
 
 use std::collections::BTreeMap;
 use std::hash::Hasher as _;

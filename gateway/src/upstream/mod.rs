@@ -66,4 +66,17 @@ impl Upstream {
             retries: config.retries.clone(),
         }
     }
+
+    /// This worker's upstream serving `config`, a definition equal to the
+    /// one it was made for (a reload kept its endpoint set): the connection
+    /// pool and its idle connections are kept; the balancer is `config`'s,
+    /// as plugins are replaced by a reload.
+    pub(crate) fn kept(&self, config: &UpstreamConfig) -> Self {
+        Upstream {
+            balancer: config.balancer.clone(),
+            retries: config.retries.clone(),
+            timeout: config.timeout,
+            ..self.clone()
+        }
+    }
 }

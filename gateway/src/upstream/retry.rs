@@ -120,6 +120,18 @@ impl RetryPolicy {
         }
     }
 
+    /// Whether `other` retries exactly as this policy does (its budget's
+    /// counts aside): a reload keeps the running policy, and its budget,
+    /// when they match.
+    pub(crate) fn same_settings(&self, other: &RetryPolicy) -> bool {
+        self.attempts == other.attempts
+            && self.per_try_timeout == other.per_try_timeout
+            && self.on == other.on
+            && self.backoff == other.backoff
+            && self.budget.percent == other.budget.percent
+            && self.budget.min_per_sec == other.budget.min_per_sec
+    }
+
     fn retries_on(&self, condition: RetryOn) -> bool {
         self.on & condition.bit() != 0
     }
