@@ -470,37 +470,33 @@ fn config_json(bytes: &[u8]) -> Result<String, String> {
 
 /// `?config=JSON` on an upload, when present.
 fn query_config(query: Option<&str>) -> Result<Option<String>, String> {
-    let Some(query) = query else {
-        return Ok(None);
-    };
-    let mut config = None;
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        if key != "config" {
-            return Err(format!(
-                "unknown query parameter \"{key}\" (only config=JSON)"
-            ));
-        }
-        config = Some(config_json(value.as_bytes())?);
-    }
-    Ok(config)
+    query_param(query, "config", "config=JSON")?
+        .map(|value| config_json(value.as_bytes()))
+        .transpose()
 }
 
 /// `?limit=N` on `GET /audit`, when present.
 fn query_limit(query: Option<&str>) -> Result<Option<usize>, String> {
-    let Some(query) = query else {
-        return Ok(None);
-    };
-    let mut limit = None;
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        if key != "limit" {
-            return Err(format!("unknown query parameter \"{key}\" (only limit=N)"));
+    query_param(query, "limit", "limit=N")?
+        .map(|value| {
+            value
+                .parse::<usize>()
+                .map_err(|_| format!("limit must be a whole number of entries, not \"{value}\""))
+        })
+        .transpose()
+}
+
+/// The value of the one query parameter `name` an endpoint takes (the last
+/// one when repeated); any other parameter is refused, naming `usage`.
+fn query_param(query: Option<&str>, name: &str, usage: &str) -> Result<Option<String>, String> {
+    let mut found = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if key != name {
+            return Err(format!("unknown query parameter \"{key}\" (only {usage})"));
         }
-        limit =
-            Some(value.parse::<usize>().map_err(|_| {
-                format!("limit must be a whole number of entries, not \"{value}\"")
-            })?);
+        found = Some(value.into_owned());
     }
-    Ok(limit)
+    Ok(found)
 }
 
 /// One plugin in `GET /plugins`.
