@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 
 use crate::config::AuditLogFile;
+use crate::plugin::sha256_hex;
 
 /// How many entries `GET /audit` can show.
 pub(crate) const KEPT_ENTRIES: usize = 1000;
@@ -297,17 +297,6 @@ impl Drop for Writer {
         let done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
         let _ = done.recv_timeout(FLUSH_ON_DROP);
     }
-}
-
-/// SHA-256 of `bytes`, lower-case hex.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    Sha256::digest(bytes)
-        .iter()
-        .fold(String::with_capacity(64), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub(crate) enum PluginChange {
     /// A new component, with new config JSON or the running one.
     Component {
         /// The `.wasm` bytes.
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
         /// New config JSON, when given.
         config: Option<String>,
     },
@@ -271,7 +271,7 @@ impl Control {
         };
         let base = running.clone();
         let built = tokio::task::spawn_blocking(move || match bytes {
-            Some(bytes) => Plugin::from_upload(spec, bytes),
+            Some(bytes) => Plugin::from_upload(spec, &bytes),
             None => Plugin::rebuild(&base, spec),
         })
         .await

@@ -327,19 +327,19 @@ async fn upload(
         Ok(bytes) => bytes,
         Err(refusal) => return (entry, Err(refusal)),
     };
-    // The offered version, so a refused one is on record too; hashing up
-    // to MAX_UPLOAD_BYTES is work for a blocking thread.
-    entry.new_version = tokio::task::spawn_blocking({
-        let bytes = bytes.clone();
-        move || audit::sha256_hex(&bytes)
-    })
-    .await
-    .ok();
     let change = PluginChange::Component {
-        bytes: bytes.to_vec(),
+        bytes: bytes.clone(),
         config,
     };
     let outcome = control.swap(name, change).await;
+    if outcome.is_err() {
+        // The offered version, so a refused one is on record too (an applied
+        // one's comes with the swap); hashing up to MAX_UPLOAD_BYTES is work
+        // for a blocking thread.
+        entry.new_version = tokio::task::spawn_blocking(move || crate::plugin::sha256_hex(&bytes))
+            .await
+            .ok();
+    }
     swap_outcome(entry, outcome)
 }
 

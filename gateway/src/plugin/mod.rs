@@ -239,12 +239,9 @@ impl Plugin {
 
     /// Compiles, links and instantiates an uploaded component, running
     /// `init` with the spec's config. Blocks, as [`Plugin::load`].
-    pub(crate) fn from_upload(
-        spec: PluginSpec,
-        bytes: Vec<u8>,
-    ) -> Result<Arc<Plugin>, PluginError> {
+    pub(crate) fn from_upload(spec: PluginSpec, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
         let runtime = engine::runtime()?;
-        Plugin::from_bytes(spec, &bytes, runtime)
+        Plugin::from_bytes(spec, bytes, runtime)
     }
 
     /// A new version of `running`'s component with `spec` (new config):
@@ -291,7 +288,7 @@ impl Plugin {
         bytes: &[u8],
         runtime: &engine::Runtime,
     ) -> Result<Arc<Plugin>, PluginError> {
-        let version = hex(&Sha256::digest(bytes));
+        let version = sha256_hex(bytes);
         let component = runtime
             .compile(bytes, &version)
             .map_err(PluginError::Compile)?;
@@ -714,10 +711,13 @@ fn take_response(instance: &mut Instance) -> http::response::Parts {
         .unwrap_or_else(|| http::Response::new(()).into_parts().0)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// SHA-256 of `bytes`, lower-case hex: a component's version.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
