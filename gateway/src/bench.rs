@@ -32,6 +32,7 @@ pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Pol
         reuse_instances: true,
         pool_size: 8,
         geo: None,
+        state: None,
     };
     if !pooling {
         return Plugin::load(spec).map(Policy).map_err(|e| e.to_string());

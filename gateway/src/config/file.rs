@@ -18,6 +18,7 @@ pub(crate) struct ManifestFile {
     pub(crate) admin: Option<AdminFile>,
     pub(crate) server: Option<ServerFile>,
     pub(crate) geo: Option<GeoFile>,
+    pub(crate) state: Option<StateFile>,
     #[serde(default)]
     pub(crate) listener: Vec<ListenerFile>,
     #[serde(default)]
@@ -41,6 +42,52 @@ pub(crate) struct PluginFile {
     pub(crate) memory: Option<ByteSize>,
     pub(crate) instances: Option<InstancesFile>,
     pub(crate) pool_size: Option<usize>,
+    /// Where the plugin's `state` lives: `[state]`'s backend or in process.
+    pub(crate) state: Option<PluginStateFile>,
+}
+
+/// `state = "shared" | "local"` on a plugin.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PluginStateFile {
+    /// The `[state]` backend (the default).
+    Shared,
+    /// In process, whatever `[state]` says.
+    Local,
+}
+
+/// `[state]`: where plugins' shared state lives.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StateFile {
+    pub(crate) backend: Option<StateBackendFile>,
+    /// `redis://[user:password@]host:port/db`.
+    pub(crate) url: Option<String>,
+    pub(crate) prefix: Option<String>,
+    pub(crate) timeout: Option<DurationText>,
+    pub(crate) connect_timeout: Option<DurationText>,
+    pub(crate) mode: Option<StateModeFile>,
+    pub(crate) sync_interval: Option<DurationText>,
+}
+
+/// `backend = "memory" | "redis"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StateBackendFile {
+    /// In process (the default).
+    Memory,
+    /// A Redis server shared by several gateways.
+    Redis,
+}
+
+/// `mode = "strict" | "batched"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StateModeFile {
+    /// One round trip per call.
+    Strict,
+    /// Rate limits decided in process, synced every `sync_interval`.
+    Batched,
 }
 
 /// `on_error = "open" | "closed"`.

@@ -19,13 +19,15 @@ use http::{HeaderName, HeaderValue, Method};
 
 use crate::plugin::chain::Chain;
 use crate::plugin::geo::GeoDatabase;
+use crate::plugin::shared_state::{RedisSettings, RedisStore, SyncMode};
 use crate::plugin::{OnError, Plugin, PluginError, PluginSpec, Source};
 use crate::route::{HostMatch, PathMatch, Route, RouteMatch, RouteTable};
 use crate::telemetry::metrics::{ChangeCounts, ConnectionCounts};
 use crate::upstream::{EndpointSet, HealthCheck, HealthChecks, Passive, RetryPolicy};
 use file::{
-    AdminFile, EndpointFile, GeoFile, InstancesFile, ListenerFile, ManifestFile, OnErrorFile,
-    PluginFile, RouteFile, UpstreamFile,
+    AdminFile, DurationText, EndpointFile, GeoFile, InstancesFile, ListenerFile, ManifestFile,
+    OnErrorFile, PluginFile, PluginStateFile, RouteFile, StateBackendFile, StateFile,
+    StateModeFile, UpstreamFile,
 };
 
 /// Default bound on draining in-flight requests at shutdown.
@@ -56,6 +58,14 @@ const DEFAULT_PLUGIN_DEADLINE: Duration = Duration::from_millis(10);
 const DEFAULT_PLUGIN_MEMORY: u64 = 64 << 20;
 /// Default number of idle instances kept per plugin.
 const DEFAULT_PLUGIN_POOL: usize = 32;
+/// `[state] timeout`: most time one Redis operation may take.
+const DEFAULT_STATE_TIMEOUT: Duration = Duration::from_millis(50);
+/// `[state] connect_timeout`.
+const DEFAULT_STATE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// `[state] sync_interval` in batched mode.
+const DEFAULT_STATE_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// `[state] prefix`.
+const DEFAULT_STATE_PREFIX: &str = "sluice:";
 /// Names a balancer may use for the builtin round-robin without a `[plugin.*]` table.
 const ROUND_ROBIN_ALIASES: [&str; 2] = ["rr", "round-robin"];
 
@@ -71,6 +81,8 @@ pub struct Config {
     pub(crate) routes: RouteTable,
     /// Every loaded plugin by name, including builtins used directly as balancers.
     pub(crate) plugins: BTreeMap<String, Arc<Plugin>>,
+    /// The `[state]` Redis store, when `backend = "redis"`.
+    pub(crate) state: Option<Arc<RedisStore>>,
     /// Reloads and live swaps counted, for `/metrics`; kept across both.
     pub(crate) changes: Arc<ChangeCounts>,
 }
@@ -275,6 +287,7 @@ impl Config {
             problems: Vec::new(),
             plugins: BTreeMap::new(),
             geo: None,
+            state: None,
         }
         .validate(manifest, origin)
     }
@@ -457,6 +470,8 @@ struct Validator<'a> {
     plugins: BTreeMap<String, Arc<Plugin>>,
     /// The `[geo] database`, opened before any plugin loads.
     geo: Option<Arc<GeoDatabase>>,
+    /// The `[state]` Redis store, opened before any plugin loads.
+    state: Option<Arc<RedisStore>>,
 }
 
 impl Validator<'_> {
@@ -471,6 +486,9 @@ impl Validator<'_> {
         let admin = manifest.admin.as_ref().and_then(|a| self.admin(a));
         if let Some(geo) = &manifest.geo {
             self.geo(geo);
+        }
+        if let Some(state) = &manifest.state {
+            self.state(state);
         }
         for (name, plugin) in &manifest.plugin {
             self.plugin(name, plugin);
@@ -516,6 +534,7 @@ impl Validator<'_> {
                 upstreams,
                 routes,
                 plugins: self.plugins,
+                state: self.state,
                 changes: Arc::default(),
             })
         } else {
@@ -792,6 +811,96 @@ impl Validator<'_> {
         }
     }
 
+    /// Checks `[state]` and, for `backend = "redis"`, opens its store (which
+    /// connects in the background: a gateway starts while Redis is down).
+    fn state(&mut self, file: &StateFile) {
+        let duration = |this: &mut Self, key: &str, value: Option<DurationText>, default| {
+            let value = value.map_or(default, |d| d.0);
+            if value.is_zero() {
+                this.problem(format!("state.{key}"), "must be greater than zero");
+            }
+            value
+        };
+        let timeout = duration(self, "timeout", file.timeout, DEFAULT_STATE_TIMEOUT);
+        let connect_timeout = duration(
+            self,
+            "connect_timeout",
+            file.connect_timeout,
+            DEFAULT_STATE_CONNECT_TIMEOUT,
+        );
+        let sync_interval = duration(
+            self,
+            "sync_interval",
+            file.sync_interval,
+            DEFAULT_STATE_SYNC_INTERVAL,
+        );
+        let mode = match file.mode {
+            None | Some(StateModeFile::Strict) => {
+                if file.sync_interval.is_some() {
+                    self.problem("state.sync_interval", "applies only to mode = \"batched\"");
+                }
+                SyncMode::Strict
+            }
+            Some(StateModeFile::Batched) => SyncMode::Batched {
+                interval: sync_interval,
+            },
+        };
+        let redis = matches!(file.backend, Some(StateBackendFile::Redis));
+        if !redis {
+            if let Some(key) = [
+                ("url", file.url.is_some()),
+                ("prefix", file.prefix.is_some()),
+                ("timeout", file.timeout.is_some()),
+                ("connect_timeout", file.connect_timeout.is_some()),
+                ("mode", file.mode.is_some()),
+            ]
+            .iter()
+            .find_map(|(key, set)| set.then_some(key))
+            {
+                self.problem(
+                    format!("state.{key}"),
+                    "applies only to backend = \"redis\" (the memory backend keeps state in process)",
+                );
+            }
+            return;
+        }
+        let Some(url) = &file.url else {
+            self.problem(
+                "state.url",
+                "is required with backend = \"redis\", like \"redis://127.0.0.1:6379/0\"",
+            );
+            return;
+        };
+        if let Err(error) = redis::parse_redis_url(url)
+            .ok_or("not a redis:// or rediss:// URL".to_string())
+            .and_then(|_| {
+                redis::Client::open(url.as_str())
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        {
+            self.problem("state.url", format!("invalid Redis URL \"{url}\": {error}"));
+            return;
+        }
+        let settings = RedisSettings {
+            url: url.clone(),
+            prefix: file
+                .prefix
+                .clone()
+                .unwrap_or_else(|| DEFAULT_STATE_PREFIX.to_string()),
+            timeout,
+            connect_timeout,
+            mode,
+        };
+        if !self.problems.is_empty() {
+            return;
+        }
+        match RedisStore::open(settings) {
+            Ok(store) => self.state = Some(store),
+            Err(error) => self.problem("state.url", error),
+        }
+    }
+
     /// Loads `[plugin.NAME]`, recording a problem at the key that caused a failure.
     fn plugin(&mut self, name: &str, file: &PluginFile) {
         let key = format!("plugin.{name}");
@@ -840,6 +949,10 @@ impl Validator<'_> {
             reuse_instances: !matches!(file.instances, Some(InstancesFile::PerRequest)),
             pool_size: file.pool_size.unwrap_or(DEFAULT_PLUGIN_POOL),
             geo: self.geo.clone(),
+            state: match file.state {
+                None | Some(PluginStateFile::Shared) => self.state.clone(),
+                Some(PluginStateFile::Local) => None,
+            },
         };
         self.load_plugin(&key, spec);
     }
@@ -885,6 +998,8 @@ impl Validator<'_> {
                     reuse_instances: true,
                     pool_size: DEFAULT_PLUGIN_POOL,
                     geo: self.geo.clone(),
+                    // A balancer's counters need no sharing between gateways.
+                    state: None,
                 };
                 self.load_plugin(key, spec)?
             }
@@ -1182,6 +1297,55 @@ mod tests {
         match = { path_prefix = "/v1/" }
         upstream = "api"
     "#;
+
+    #[test]
+    fn the_state_backend_is_checked_key_by_key() {
+        let with = |state: &str| errors(&format!("[state]\n{state}\n{GOOD}"));
+        assert_eq!(with("backend = \"memory\""), Vec::<String>::new());
+        let missing = with("backend = \"redis\"");
+        assert!(
+            missing.len() == 1 && missing[0].starts_with("state.url: is required"),
+            "{missing:?}"
+        );
+        let bad = with("backend = \"redis\"\nurl = \"http://x\"");
+        assert!(
+            bad.len() == 1 && bad[0].starts_with("state.url: invalid Redis URL \"http://x\""),
+            "{bad:?}"
+        );
+        let mode = with("backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"eventual\"");
+        assert!(
+            mode[0].contains("mode") && mode[0].contains("eventual"),
+            "{mode:?}"
+        );
+        let backend = with("backend = \"etcd\"");
+        assert!(backend[0].contains("etcd"), "{backend:?}");
+        let stray = with("url = \"redis://127.0.0.1:1\"");
+        assert!(
+            stray.len() == 1
+                && stray[0].starts_with("state.url: applies only to backend = \"redis\""),
+            "{stray:?}"
+        );
+        let interval =
+            with("backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nsync_interval = \"5ms\"");
+        assert!(
+            interval.len() == 1
+                && interval[0]
+                    .starts_with("state.sync_interval: applies only to mode = \"batched\""),
+            "{interval:?}"
+        );
+        let zero = with("backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\ntimeout = \"0s\"");
+        assert!(
+            zero.len() == 1 && zero[0].starts_with("state.timeout: must be greater than zero"),
+            "{zero:?}"
+        );
+        // A valid [state] loads without Redis running: it connects in the background.
+        let config = Config::parse(
+            &format!("[state]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:1/0\"\nmode = \"batched\"\n{GOOD}"),
+            Path::new("sluice.toml"),
+        )
+        .expect("valid [state]");
+        assert!(config.state.is_some());
+    }
 
     #[test]
     fn the_geo_database_is_opened_or_named() {

@@ -193,6 +193,18 @@ impl Chain {
 /// (`open`), a 503 verdict to stop (`closed`).
 pub(crate) fn apply_on_error(plugin: &Plugin, hook: &str, failure: &HookError) -> Option<Verdict> {
     let closed = plugin.on_error() == OnError::Closed;
+    if matches!(failure, HookError::State(_)) {
+        // An outage of the state backend fails every such call; the backend
+        // logs the outage itself, and /metrics counts the calls.
+        tracing::debug!(
+            plugin = &*plugin.name,
+            hook,
+            error = %failure,
+            on_error = if closed { "closed" } else { "open" },
+            "policy call failed"
+        );
+        return closed.then(|| Verdict::Failed(plugin.name.clone()));
+    }
     tracing::warn!(
         plugin = &*plugin.name,
         hook,

@@ -18,7 +18,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::sluice::policy::{clock, geo, health, log, metrics, random, state, types};
 use super::geo::GeoDatabase;
 use super::scope::PluginScope;
-use super::state::Rate;
+use super::shared_state::{RedisStore, StateError};
+use super::state::{Rate, StateStore};
+use super::{OnError, PluginSpec};
 use crate::upstream::{CandidateSet, CircuitState, Directory, EndpointSet, Passive};
 
 /// The longest hold `request.delay` may ask for.
@@ -112,16 +114,18 @@ pub(crate) struct Ctx {
     pub(crate) directory: Option<Directory>,
     /// The `[geo] database`, when the manifest names one.
     geo: Option<Arc<GeoDatabase>>,
+    /// The shared (Redis) store behind `state`, when the plugin uses one.
+    shared: Option<Arc<RedisStore>>,
+    /// What a failed shared-state call means: answer from in-process state
+    /// (open) or fail the call (closed).
+    on_error: OnError,
 }
 
 impl Ctx {
-    /// Store data for a new instance of the plugin in `scope`, with linear
-    /// memory capped at `memory_bytes`, answering `geo.lookup` from `geo`.
-    pub(crate) fn new(
-        scope: Arc<PluginScope>,
-        memory_bytes: usize,
-        geo: Option<Arc<GeoDatabase>>,
-    ) -> Ctx {
+    /// Store data for a new instance of the plugin `spec` describes, in
+    /// `scope`: memory capped at `spec.memory_bytes`, `geo.lookup` answered
+    /// from `spec.geo`, `state` kept in `spec.state` or in process.
+    pub(crate) fn new(scope: Arc<PluginScope>, spec: &PluginSpec) -> Ctx {
         // No preopened directories, no environment, no arguments, no stdin;
         // stdout/stderr discarded; no sockets of any kind.
         let wasi = WasiCtx::builder()
@@ -130,7 +134,7 @@ impl Ctx {
             .allow_ip_name_lookup(false)
             .build();
         let limits = wasmtime::StoreLimitsBuilder::new()
-            .memory_size(memory_bytes)
+            .memory_size(spec.memory_bytes)
             .table_elements(100_000)
             .instances(64)
             .tables(64)
@@ -148,7 +152,9 @@ impl Ctx {
             upstream: None,
             candidates: None,
             directory: None,
-            geo,
+            geo: spec.geo.clone(),
+            shared: spec.state.clone(),
+            on_error: spec.on_error,
         }
     }
 
@@ -511,13 +517,53 @@ impl types::HostCandidates for Ctx {
     }
 }
 
+impl Ctx {
+    /// Settles a shared-state call that took `waited`: the plugin's deadline
+    /// moves on by that time (it bounds the plugin's own work; `[state]
+    /// timeout` bounds Redis), and a failure follows `on_error`: "open"
+    /// answers from in-process state, "closed" fails the call, and with it
+    /// the request.
+    fn settle_shared<T>(
+        &mut self,
+        waited: Duration,
+        result: Result<T, StateError>,
+        local: impl FnOnce(&StateStore) -> T,
+    ) -> wasmtime::Result<T> {
+        self.deadline += waited;
+        match result {
+            Ok(value) => Ok(value),
+            Err(error) => match (self.on_error, &self.shared) {
+                (OnError::Open, Some(shared)) => {
+                    shared.count_fallback();
+                    Ok(local(&self.scope.state))
+                }
+                _ => Err(wasmtime::Error::new(error)),
+            },
+        }
+    }
+}
+
 impl state::Host for Ctx {
     async fn counter_add(&mut self, key: String, delta: i64, ttl_ms: u64) -> wasmtime::Result<i64> {
-        Ok(self.scope.state.counter_add(&key, delta, ttl_ms))
+        let Some(shared) = self.shared.clone() else {
+            return Ok(self.scope.state.counter_add(&key, delta, ttl_ms));
+        };
+        let started = Instant::now();
+        let result = shared
+            .counter_add(&self.scope.name, &key, delta, ttl_ms)
+            .await;
+        self.settle_shared(started.elapsed(), result, |local| {
+            local.counter_add(&key, delta, ttl_ms)
+        })
     }
 
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.scope.state.get(&key))
+        let Some(shared) = self.shared.clone() else {
+            return Ok(self.scope.state.get(&key));
+        };
+        let started = Instant::now();
+        let result = shared.get(&self.scope.name, &key).await;
+        self.settle_shared(started.elapsed(), result, |local| local.get(&key))
     }
 
     async fn compare_and_swap(
@@ -527,15 +573,31 @@ impl state::Host for Ctx {
         value: String,
         ttl_ms: u64,
     ) -> wasmtime::Result<Result<(), Option<String>>> {
-        Ok(self
-            .scope
-            .state
-            .compare_and_swap(&key, expected.as_deref(), &value, ttl_ms))
+        let Some(shared) = self.shared.clone() else {
+            return Ok(self.scope.state.compare_and_swap(
+                &key,
+                expected.as_deref(),
+                &value,
+                ttl_ms,
+            ));
+        };
+        let started = Instant::now();
+        let result = shared
+            .compare_and_swap(&self.scope.name, &key, expected.as_deref(), &value, ttl_ms)
+            .await;
+        self.settle_shared(started.elapsed(), result, |local| {
+            local.compare_and_swap(&key, expected.as_deref(), &value, ttl_ms)
+        })
     }
 
     async fn remove(&mut self, key: String) -> wasmtime::Result<()> {
-        self.scope.state.remove(&key);
-        Ok(())
+        let Some(shared) = self.shared.clone() else {
+            self.scope.state.remove(&key);
+            return Ok(());
+        };
+        let started = Instant::now();
+        let result = shared.remove(&self.scope.name, &key).await;
+        self.settle_shared(started.elapsed(), result, |local| local.remove(&key))
     }
 
     async fn throttle(
@@ -549,7 +611,16 @@ impl state::Host for Ctx {
             interval: Duration::from_nanos(interval_ns),
             burst,
         };
-        let decision = self.scope.state.throttle(&key, rate, cost);
+        let decision = match self.shared.clone() {
+            None => self.scope.state.throttle(&key, rate, cost),
+            Some(shared) => {
+                let started = Instant::now();
+                let result = shared.throttle(&self.scope, &key, rate, cost).await;
+                self.settle_shared(started.elapsed(), result, |local| {
+                    local.throttle(&key, rate, cost)
+                })?
+            }
+        };
         Ok(state::ThrottleResult {
             allowed: decision.allowed,
             remaining: decision.remaining,

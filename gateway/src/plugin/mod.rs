@@ -11,7 +11,8 @@
 //! [`chain`] runs a route's policies in request order; [`engine`] owns the
 //! one `Engine`, its epoch ticker and the compiled-component cache; [`host`]
 //! implements the imports; [`scope`] and [`state`] keep what outlives an
-//! instance.
+//! instance, in process or, with `[state] backend = "redis"`, in
+//! [`shared_state`].
 
 mod bindings;
 pub(crate) mod builtin;
@@ -21,6 +22,7 @@ pub(crate) mod engine;
 pub(crate) mod geo;
 pub(crate) mod host;
 pub(crate) mod scope;
+pub(crate) mod shared_state;
 mod state;
 
 use std::fmt;
@@ -125,6 +127,9 @@ pub(crate) struct PluginSpec {
     pub(crate) pool_size: usize,
     /// The manifest's `[geo] database`, answering `geo.lookup`.
     pub(crate) geo: Option<Arc<geo::GeoDatabase>>,
+    /// The shared store behind `state` (`[state] backend = "redis"`), unless
+    /// the plugin keeps its state in process.
+    pub(crate) state: Option<Arc<shared_state::RedisStore>>,
 }
 
 /// Why a plugin could not be loaded.
@@ -177,6 +182,10 @@ pub(crate) enum HookError {
     /// The call ran past the plugin's deadline; its instance was discarded.
     #[error("ran past its {0:?} deadline")]
     Deadline(Duration),
+    /// A shared-state call failed (`[state]` backend down or slow); the
+    /// instance was discarded.
+    #[error("shared state: {0}")]
+    State(shared_state::StateError),
     /// The guest answered something the host cannot use.
     #[error("{0}")]
     Invalid(String),
@@ -368,14 +377,7 @@ impl Plugin {
 
     /// A new instance with `init` run.
     async fn instantiate(&self) -> Result<Instance, InstantiateError> {
-        let mut store = Store::new(
-            &self.engine,
-            Ctx::new(
-                self.scope.clone(),
-                self.spec.memory_bytes,
-                self.spec.geo.clone(),
-            ),
-        );
+        let mut store = Store::new(&self.engine, Ctx::new(self.scope.clone(), &self.spec));
         store.limiter(Ctx::limiter);
         // Each epoch tick past the deadline check: yield to other requests
         // on this thread while time remains, trap once it is spent.
@@ -500,6 +502,10 @@ impl Plugin {
                 Ok(value)
             }
             Err(error) => {
+                if let Some(state) = error.downcast_ref::<shared_state::StateError>() {
+                    self.scope.stats.record(elapsed, Some(Failure::State));
+                    return Err(HookError::State(state.clone()));
+                }
                 let deadline = matches!(
                     error.downcast_ref::<wasmtime::Trap>(),
                     Some(wasmtime::Trap::Interrupt)

@@ -149,6 +149,9 @@ pub(crate) enum Failure {
     Trap,
     /// The call ran past its deadline.
     Deadline,
+    /// A shared-state call failed (Redis down or slow) and the plugin's
+    /// `on_error` is "closed".
+    State,
 }
 
 impl CallStats {
@@ -162,7 +165,7 @@ impl CallStats {
         self.latency_sum_ns.fetch_add(nanos, Ordering::Relaxed);
         match failure {
             None => {}
-            Some(Failure::Invalid) => {
+            Some(Failure::Invalid | Failure::State) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
             Some(Failure::Trap) => {

@@ -209,6 +209,37 @@ impl StateStore {
         self.entries.remove(key);
     }
 
+    /// Whether `key` holds a live rate-limit arrival time.
+    pub(crate) fn has_arrival(&self, key: &str) -> bool {
+        let now = Instant::now();
+        self.entries
+            .get(key)
+            .is_some_and(|slot| matches!(slot.value, Value::Arrival(_)) && slot.live(now))
+    }
+
+    /// Moves `key`'s rate-limit arrival time to `at` unless it is later
+    /// already (a shared store reported what other instances admitted).
+    pub(crate) fn raise_arrival(&self, key: &str, at: Instant) {
+        let now = Instant::now();
+        let raised = Slot {
+            value: Value::Arrival(at),
+            expires: Some(at),
+        };
+        if let Some(mut slot) = self.entries.get_mut(key) {
+            let later = match slot.value {
+                Value::Arrival(current) if slot.live(now) => current >= at,
+                _ => false,
+            };
+            if !later {
+                *slot = raised;
+            }
+            return;
+        }
+        if at > now {
+            self.entries.entry(Box::from(key)).or_insert(raised);
+        }
+    }
+
     /// Applies the rate limit `rate` to `cost` calls on `key`, atomically;
     /// see the WIT `state.throttle`. The key expires when the limit is full
     /// again. A key holding a counter or text starts afresh.
@@ -264,6 +295,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(store.get("w"), None, "expired counters read as absent");
         assert_eq!(store.counter_add("w", 1, 30), 1, "a new window starts at 0");
+    }
+
+    #[test]
+    fn a_shared_arrival_time_only_moves_forward() {
+        let store = StateStore::default();
+        let limit = rate(10, 0);
+        assert!(!store.has_arrival("k"));
+        let later = Instant::now() + Duration::from_secs(5);
+        store.raise_arrival("k", later);
+        assert!(store.has_arrival("k"));
+        let refused = store.throttle("k", limit, 1);
+        assert!(!refused.allowed, "another instance used the budget");
+        assert!(refused.retry_after > Duration::from_secs(4));
+        // An earlier time reported later does not give the budget back.
+        store.raise_arrival("k", Instant::now());
+        assert!(!store.throttle("k", limit, 1).allowed);
+        // A time in the past creates nothing.
+        store.raise_arrival("fresh", Instant::now() - Duration::from_millis(1));
+        assert!(!store.has_arrival("fresh"));
     }
 
     fn rate(per_second: u64, burst: u32) -> Rate {

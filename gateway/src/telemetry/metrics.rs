@@ -374,6 +374,49 @@ impl Collector for Snapshot {
             gauge,
         )?;
 
+        // The shared state backend, when `[state] backend = "redis"`.
+        if let Some(store) = &config.state {
+            let counts = store.counts();
+            let backend = || label("backend", "redis");
+            family(
+                e,
+                "sluice_state_backend_up",
+                "1 while the gateway is connected to its shared state backend, 0 while it reconnects.",
+                MetricType::Gauge,
+                [(backend(), i64::from(counts.up))],
+                gauge,
+            )?;
+            family(
+                e,
+                "sluice_state_operations",
+                "Shared state operations, by result (ok, error: refused or disconnected, timeout).",
+                MetricType::Counter,
+                [
+                    ("ok", counts.ok),
+                    ("error", counts.errors),
+                    ("timeout", counts.timeouts),
+                ]
+                .map(|(result, n)| {
+                    (
+                        vec![
+                            ("backend", "redis".to_string()),
+                            ("result", result.to_string()),
+                        ],
+                        n,
+                    )
+                }),
+                counter,
+            )?;
+            family(
+                e,
+                "sluice_state_fallbacks",
+                "Plugin state calls answered from in-process state because the shared backend failed (on_error = \"open\").",
+                MetricType::Counter,
+                [(backend(), counts.fallbacks)],
+                counter,
+            )?;
+        }
+
         // Changes to the running gateway.
         let changes: [(&str, &str, &[AtomicU64; 2]); 2] = [
             (
