@@ -17,6 +17,7 @@ pub mod client;
 pub mod gateway;
 pub mod guests;
 pub mod origin;
+pub mod redis;
 pub mod tls;
 
 pub use client::{Reply, WAIT, within};

@@ -14,8 +14,9 @@
 //!
 //! In `mode = "batched"`, `throttle` decides in process and the admitted
 //! cost is added to Redis every `sync_interval`; the first call on a key
-//! (and the first after it went idle) still asks Redis, so an instance
-//! starts from the shared state. See [`SyncMode::Batched`].
+//! (and the first after a second without hearing from Redis about it)
+//! still asks Redis, so an instance starts from the shared state. See
+//! [`SyncMode::Batched`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -124,7 +125,14 @@ struct Inner {
     fallbacks: AtomicU64,
     /// Batched mode: admitted cost not yet added to Redis, by Redis key.
     pending: DashMap<String, Pending>,
+    /// Batched mode: when each throttle key last heard from Redis; a key
+    /// not heard from within [`BATCHED_FRESH`] asks Redis first.
+    heard: DashMap<String, Instant>,
 }
+
+/// Batched mode: how long a key's in-process arrival time is trusted
+/// without hearing from Redis.
+const BATCHED_FRESH: Duration = Duration::from_secs(1);
 
 /// Cost admitted in process on one throttle key since the last sync.
 #[derive(Debug)]
@@ -260,6 +268,7 @@ impl RedisStore {
             timeouts: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
             pending: DashMap::new(),
+            heard: DashMap::new(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -363,8 +372,13 @@ impl RedisStore {
         cost: u32,
     ) -> Result<Throttled, StateError> {
         let shared = self.throttle_key(&scope.name, key);
-        if matches!(self.inner.settings.mode, SyncMode::Batched { .. })
-            && scope.state.has_arrival(key)
+        let batched = matches!(self.inner.settings.mode, SyncMode::Batched { .. });
+        if batched
+            && self
+                .inner
+                .heard
+                .get(&shared)
+                .is_some_and(|at| at.elapsed() < BATCHED_FRESH)
         {
             let decision = scope.state.throttle(key, rate, cost);
             if decision.allowed && cost > 0 {
@@ -381,7 +395,7 @@ impl RedisStore {
             }
             return Ok(decision);
         }
-        let mut invocation = THROTTLE.key(shared);
+        let mut invocation = THROTTLE.key(&shared);
         invocation
             .arg(u64::try_from(rate.interval.as_nanos()).unwrap_or(u64::MAX))
             .arg(rate.burst)
@@ -398,11 +412,11 @@ impl RedisStore {
             reset: Duration::from_micros(reset),
             ahead: Duration::from_micros(ahead),
         };
-        if matches!(self.inner.settings.mode, SyncMode::Batched { .. }) {
+        if batched {
             // Start the in-process copy from the shared arrival time.
-            scope
-                .state
-                .raise_arrival(key, Instant::now() + decision.reset);
+            let now = Instant::now();
+            scope.state.raise_arrival(key, now + decision.reset);
+            self.inner.heard.insert(shared, now);
         }
         Ok(decision)
     }
@@ -470,6 +484,9 @@ impl Inner {
     /// raises each key's in-process arrival time to the shared one.
     async fn sync(&self) {
         if self.pending.is_empty() {
+            if !self.heard.is_empty() {
+                self.heard.retain(|_, at| at.elapsed() < BATCHED_FRESH);
+            }
             return;
         }
         let keys: Vec<String> = self.pending.iter().map(|e| e.key().clone()).collect();
@@ -506,12 +523,14 @@ impl Inner {
                 return;
             }
         };
-        for ((_, pending), ahead) in batch.iter().zip(aheads) {
+        let now = Instant::now();
+        for ((key, pending), ahead) in batch.into_iter().zip(aheads) {
             if let Some(scope) = pending.scope.upgrade() {
                 scope
                     .state
                     .raise_arrival(&pending.key, sent + Duration::from_micros(ahead));
             }
+            self.heard.insert(key, now);
         }
     }
 }
