@@ -112,6 +112,22 @@ impl RedisServer {
         Ok(())
     }
 
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the server process, by
+    /// the PID this harness started: while stopped it keeps its connections
+    /// but answers nothing, as a hung Redis does.
+    pub fn pause(&self, paused: bool) -> anyhow::Result<()> {
+        let Some(child) = &self.child else {
+            bail!("redis-server on port {} is not running", self.port);
+        };
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill {signal} {}: {status}", child.id());
+        Ok(())
+    }
+
     /// Starts the server again on the same port (after [`RedisServer::kill`])
     /// and waits until it answers `PING`; empty, as after a crash without
     /// persistence.

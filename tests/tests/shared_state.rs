@@ -949,3 +949,100 @@ async fn a_reload_with_a_bad_state_table_is_refused_and_the_old_one_keeps_servin
     assert_eq!(client.request(get("app.test", "/")).await?.status, 200);
     Ok(())
 }
+
+/// A hostile plugin that calls `state.counter-add` in a loop spends almost
+/// no time in its own code; with Redis each call waits on the network, and
+/// those waits extend the plugin's deadline (they are not its work). The
+/// extension is capped at one `[state] timeout` per hook call, so the loop
+/// is still stopped, even against a hung Redis whose every call takes the
+/// whole timeout and falls back (`on_error = "open"`): the request goes on
+/// without the policy within deadline + about two timeouts, and the call
+/// counts as a deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_looping_on_shared_state_calls_is_still_stopped() -> anyhow::Result<()> {
+    let Some(redis) = redis()? else {
+        return Ok(());
+    };
+    let origin = Origin::echo("app").await?;
+    let gateway = Manifest::new()
+        .listener("web", "")
+        .raw(&admin())
+        .raw(&state(&redis, "sluice-loop:", "timeout = \"100ms\""))
+        .raw(&format!(
+            "[plugin.looper]\nsource = \"{}\"\ndeadline = \"50ms\"\non_error = \"open\"\n",
+            env!("SLUICE_TEST_PROBE_WASM")
+        ))
+        .upstream("app", &[origin.addr()], "")
+        .route("all", "{}", "app", "policies = [\"looper\"]")
+        .start()
+        .await?;
+    let admin = gateway.admin_addr();
+    wait_backend_up(admin, 1.0, WAIT).await?;
+    let mut client: H1 = H1::connect(gateway.addr("web")).await?;
+    let looping = || {
+        let mut req = get("app.test", "/");
+        req.headers_mut()
+            .insert("x-probe-mode", http::HeaderValue::from_static("state-loop"));
+        req
+    };
+
+    // Redis answering: the loop reaches it, then the deadline stops it.
+    let reply = within(
+        "the looping request",
+        Duration::from_secs(5),
+        client.request(looping()),
+    )
+    .await??;
+    assert_eq!(
+        reply.status,
+        200,
+        "on_error = open goes on: {}",
+        reply.excerpt()
+    );
+    let calls: u64 = redis
+        .get("sluice-loop:looper:v:state-loop")?
+        .unwrap_or_default()
+        .parse()?;
+    assert!(calls > 10, "the loop did reach Redis: {calls} calls");
+
+    // Redis hung: every call waits the whole timeout, then falls back.
+    redis.pause(true)?;
+    let started = Instant::now();
+    let reply = within(
+        "the looping request against a hung Redis",
+        Duration::from_secs(5),
+        client.request(looping()),
+    )
+    .await;
+    let took = started.elapsed();
+    redis.pause(false)?;
+    let reply = reply??;
+    assert_eq!(reply.status, 200, "{}", reply.excerpt());
+    // 50 ms deadline + 100 ms of granted waits + the call in flight when the
+    // grace ran out (100 ms), with room for a busy machine.
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+
+    let reply = client.request(get("app.test", "/")).await?;
+    assert_eq!(
+        reply.status,
+        200,
+        "the next request is served: {}",
+        reply.excerpt()
+    );
+    let samples = scrape(admin).await?;
+    // Both loops ended at the deadline; the probe's on-outcome for the
+    // second request may have met the hung Redis too.
+    let deadlines = metric(
+        &samples,
+        "sluice_plugin_timeouts_total",
+        &[("plugin", "looper")],
+    );
+    assert!(
+        deadlines.is_some_and(|n| (2.0..=3.0).contains(&n)),
+        "{deadlines:?}"
+    );
+    let metrics = state_metrics(admin).await?;
+    assert!(metrics.timeout >= 1.0, "{metrics:?}");
+    assert!(metrics.fallbacks >= 1.0, "{metrics:?}");
+    Ok(())
+}

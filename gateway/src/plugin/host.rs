@@ -106,6 +106,10 @@ pub(crate) struct Ctx {
     pub(crate) scope: Arc<PluginScope>,
     /// When the current call must end.
     pub(crate) deadline: Instant,
+    /// How much more time waiting on the shared state backend may still add
+    /// to `deadline` in the current call: at most one `[state] timeout` per
+    /// call, so a plugin looping on state calls is still stopped.
+    state_grace: Duration,
     pub(crate) request: Option<RequestState>,
     pub(crate) response: Option<http::response::Parts>,
     pub(crate) upstream: Option<Arc<EndpointSet>>,
@@ -147,6 +151,7 @@ impl Ctx {
             limits,
             scope,
             deadline: Instant::now(),
+            state_grace: Duration::ZERO,
             request: None,
             response: None,
             upstream: None,
@@ -156,6 +161,15 @@ impl Ctx {
             shared: spec.state.clone(),
             on_error: spec.on_error,
         }
+    }
+
+    /// Starts a call that must end by `deadline`.
+    pub(crate) fn arm(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        self.state_grace = self
+            .shared
+            .as_ref()
+            .map_or(Duration::ZERO, |shared| shared.timeout());
     }
 
     /// The store's resource limiter.
@@ -520,16 +534,18 @@ impl types::HostCandidates for Ctx {
 impl Ctx {
     /// Settles a shared-state call that took `waited`: the plugin's deadline
     /// moves on by that time (it bounds the plugin's own work; `[state]
-    /// timeout` bounds Redis), and a failure follows `on_error`: "open"
-    /// answers from in-process state, "closed" fails the call, and with it
-    /// the request.
+    /// timeout` bounds Redis), up to one `timeout` per call in all. A
+    /// failure follows `on_error`: "open" answers from in-process state,
+    /// "closed" fails the call, and with it the request.
     fn settle_shared<T>(
         &mut self,
         waited: Duration,
         result: Result<T, StateError>,
         local: impl FnOnce(&StateStore) -> T,
     ) -> wasmtime::Result<T> {
-        self.deadline += waited;
+        let grant = waited.min(self.state_grace);
+        self.state_grace -= grant;
+        self.deadline += grant;
         match result {
             Ok(value) => Ok(value),
             Err(error) => match (self.on_error, &self.shared) {

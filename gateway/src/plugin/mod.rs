@@ -684,7 +684,7 @@ impl Plugin {
 /// epoch tick; returns now.
 fn arm(store: &mut Store<Ctx>, budget: Duration) -> Instant {
     let now = Instant::now();
-    store.data_mut().deadline = now + budget;
+    store.data_mut().arm(now + budget);
     store.set_epoch_deadline(1);
     now
 }

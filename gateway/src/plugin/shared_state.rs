@@ -285,6 +285,11 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Most time one operation may take.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.inner.settings.timeout
+    }
+
     /// Operation counts and whether the connection is up.
     pub(crate) fn counts(&self) -> StateCounts {
         let inner = &self.inner;
@@ -539,9 +544,12 @@ impl Inner {
 /// found the connection broken, and in batched mode syncs every interval.
 /// Ends when the store is dropped.
 async fn keep_connected(inner: Arc<Inner>, mut stopped: tokio::sync::oneshot::Receiver<()>) {
+    // No response timeout in the client: `Inner::run` bounds each call
+    // itself, and a slow answer must not drop the connection (the client
+    // treats its own timeout as a broken connection).
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(inner.settings.connect_timeout))
-        .set_response_timeout(Some(inner.settings.timeout));
+        .set_response_timeout(None);
     let mut backoff = RECONNECT_MIN;
     let mut was_up = true;
     let sync_every = match inner.settings.mode {

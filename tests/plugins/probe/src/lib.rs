@@ -8,7 +8,8 @@
 //! **on-request** — counts metric `probe_requests`, then, by the first of
 //! these headers present:
 //! - `x-probe-mode`: `loop` spins forever; `alloc` allocates and touches
-//!   memory until the instance runs out (a trap); `trap` executes
+//!   memory until the instance runs out (a trap); `state-loop` calls
+//!   `state.counter-add` forever (host calls, no guest work); `trap` executes
 //!   `unreachable`; `panic` panics (a trap); `sleep-ms=N` busy-waits N ms on
 //!   the host clock, then goes on as if the header were absent. Any other
 //!   mode is ignored.
@@ -129,6 +130,9 @@ fn misbehave(mode: &str) {
                 hoard.push(std::hint::black_box(chunk));
             }
         }
+        "state-loop" => loop {
+            state::counter_add("state-loop", 1, 0);
+        },
         "trap" => trap(),
         "panic" => panic!("probe: panic requested by x-probe-mode"),
         mode => {
