@@ -68,6 +68,8 @@ pub(crate) async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     let in_flight = conn.activity.begin();
+    // Counted before the gateway adds its own (x-request-id).
+    let fields = req.headers().len();
     let request_id = forward::ensure_request_id(req.headers_mut());
     let head = telemetry::access_log_enabled().then(|| {
         (
@@ -78,7 +80,7 @@ pub(crate) async fn handle(
         )
     });
     let mut outcome = Outcome::default();
-    let response = proxy(&conn, req, &mut outcome, started)
+    let response = proxy(&conn, req, fields, &mut outcome, started)
         .await
         .map(|body| body.with_in_flight(in_flight));
     if let Some(metrics) = outcome.metrics.take() {
@@ -115,11 +117,23 @@ pub(crate) async fn handle(
 async fn proxy(
     conn: &ConnectionContext,
     req: Request<Incoming>,
+    fields: usize,
     outcome: &mut Outcome,
     started: Instant,
 ) -> Response<ResponseBody> {
     let listener = &conn.listener;
     let tables = listener.tables.load_full();
+    if let Some((status, text, kind)) = malformed(&req, fields, listener.config.max_headers) {
+        outcome.metrics = Some(tables.routes.unrouted().clone());
+        let mut response = local(status, text, kind, outcome);
+        if req.version() < http::Version::HTTP_2 {
+            // What follows on this connection cannot be trusted to be framed as we read it.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return response;
+    }
     if let Some(port) = listener.config.redirect_https {
         outcome.metrics = Some(tables.routes.unrouted().clone());
         return redirect_to_https(&req, port, outcome);
@@ -588,6 +602,77 @@ fn classify(
             Some(ErrorKind::UpstreamError),
         ),
     }
+}
+
+/// Why a request is refused before routing, if it is: more header fields
+/// than `max_headers` (hyper counts them on HTTP/1.1 only); no Host on
+/// HTTP/1.1, more than one, or an invalid one (RFC 9112 §3.2); userinfo in
+/// the target; a transfer coding other than chunked, which the gateway
+/// cannot decode (RFC 9112 §6.1: 501).
+fn malformed(
+    req: &Request<Incoming>,
+    fields: usize,
+    max_headers: usize,
+) -> Option<(StatusCode, &'static str, &'static str)> {
+    if fields > max_headers {
+        return Some((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many header fields\n",
+            "too-many-headers",
+        ));
+    }
+    let bad = |text| Some((StatusCode::BAD_REQUEST, text, "bad-host"));
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return bad("more than one Host header\n"),
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            return bad("a Host header is required\n");
+        }
+        (Some(host), None) if !host.is_empty() && !valid_authority(host.as_bytes()) => {
+            return bad("invalid Host header\n");
+        }
+        _ => {}
+    }
+    if req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return bad("userinfo in the request target\n");
+    }
+    // hyper has checked that chunked comes last, so it is there when any coding is.
+    let mut chunked = 0;
+    for value in req.headers().get_all(header::TRANSFER_ENCODING) {
+        for coding in value.to_str().unwrap_or("?").split(',') {
+            if !coding.trim().eq_ignore_ascii_case("chunked") {
+                return Some((
+                    StatusCode::NOT_IMPLEMENTED,
+                    "unsupported transfer coding\n",
+                    "bad-transfer-encoding",
+                ));
+            }
+            chunked += 1;
+        }
+    }
+    if chunked > 1 {
+        // RFC 9112 §6.1: chunked is applied at most once.
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "chunked more than once\n",
+            "bad-transfer-encoding",
+        ));
+    }
+    None
+}
+
+/// `uri-host [ ":" port ]` without userinfo: only the characters RFC 3986
+/// allows in a host (reg-name, IP literal) and port, no `@`, `/`, `?`, `#`
+/// or whitespace. Checked byte by byte: this runs on every request and must
+/// not allocate.
+fn valid_authority(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b))
 }
 
 fn content_length(req: &Request<Incoming>) -> Option<u64> {
