@@ -13,6 +13,8 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod plugin;
 pub mod proxy;
 mod route;

@@ -28,7 +28,10 @@ fn hop_by_hop() -> [&'static HeaderName; 6] {
     ]
 }
 
-/// Removes hop-by-hop headers and every header the `Connection` header names.
+/// Removes hop-by-hop headers and every header the `Connection` header
+/// names, except `Host`: a client naming it must not make the gateway send an
+/// HTTP/1.1 request without one (RFC 9110 §7.6.1 forbids naming a field meant
+/// for every recipient; ignoring that token is what keeps the request valid).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Vec::new() does not allocate: the common `Connection: keep-alive` costs nothing.
     let mut named = Vec::new();
@@ -39,7 +42,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .map(str::trim)
     {
-        let standard = ["keep-alive", "close", "upgrade", ""]
+        let standard = ["keep-alive", "close", "upgrade", "host", ""]
             .iter()
             .any(|t| token.eq_ignore_ascii_case(t));
         if !standard && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -199,6 +202,18 @@ mod tests {
             assert!(headers.get(gone).is_none(), "{gone} should be stripped");
         }
         assert_eq!(headers["x-kept"], "1");
+    }
+
+    #[test]
+    fn connection_naming_host_keeps_host_and_forwarded_host() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Host, x-a"));
+        headers.insert(header::HOST, HeaderValue::from_static("a.example"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        request_headers(&mut headers, hop(), None);
+        assert_eq!(headers[header::HOST], "a.example");
+        assert_eq!(headers["x-forwarded-host"], "a.example");
+        assert!(headers.get("x-a").is_none());
     }
 
     #[test]
