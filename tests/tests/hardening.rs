@@ -1683,3 +1683,236 @@ async fn h2_too_many_headers_are_refused() -> anyhow::Result<()> {
     assert_eq!(origin.targets(), ["/twenty-h2"]);
     still_serves_h2(&gateway, &origin).await
 }
+
+// ---------------------------------------------------------------------------
+// Slow request bodies (body_read_timeout)
+
+/// The slow-body tests' listener: a 1 s body timeout, the head's out of the way.
+const BODY_TIMEOUT: &str = "body_read_timeout = \"1s\"\nheader_read_timeout = \"10s\"";
+
+/// How the origin's read of the body of the request for `target` ended:
+/// `None` if that request never reached it. A request that reached it must
+/// end (the gateway closed the upstream connection) within a few seconds.
+async fn origin_body(
+    origin: &Recorder,
+    target: &str,
+) -> anyhow::Result<Option<Result<Vec<u8>, String>>> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let seen = origin.seen().into_iter().find(|s| s.target == target);
+        match seen {
+            Some(Seen {
+                body: Some(body), ..
+            }) => return Ok(Some(body)),
+            None if Instant::now() >= deadline => return Ok(None),
+            Some(_) if Instant::now() >= deadline => {
+                anyhow::bail!(
+                    "the origin is still reading {target}'s body: the upstream request was not aborted"
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Sends `head_and_part` (a request whose body stops short), then nothing:
+/// the gateway answers 408 between 1 s (body_read_timeout) and 3 s later,
+/// closes the connection, and the origin never gets the whole body.
+async fn stalled_body_gets_408(
+    gateway: &TestGateway,
+    origin: &Recorder,
+    label: &str,
+    target: &str,
+    head_and_part: &[u8],
+) -> anyhow::Result<()> {
+    let mut conn = Raw::connect(gateway.addr("web")).await?;
+    conn.send(head_and_part).await?;
+    let started = Instant::now();
+    let response = conn.response().await?;
+    let elapsed = started.elapsed();
+    let response = response.with_context(|| format!("{label}: closed without an answer"))?;
+    assert_eq!(
+        response.status_line, "HTTP/1.1 408 Request Timeout",
+        "{label}: {response:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{label}: answered after {elapsed:?}; body_read_timeout is 1s"
+    );
+    assert_eq!(response.header("connection"), Some("close"), "{label}");
+    assert!(
+        conn.ends_within(Duration::from_secs(2)).await?,
+        "{label}: the connection must close after a stalled body"
+    );
+    if let Some(Ok(body)) = origin_body(origin, target).await? {
+        panic!(
+            "{label}: the origin got a complete request, body {:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    still_serves(gateway, origin).await
+}
+
+/// Content-Length 100, 10 bytes sent, then silence: 408 at body_read_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_stalled_short_of_its_content_length_gets_408() -> anyhow::Result<()> {
+    let origin = Recorder::start().await?;
+    let gateway = gateway_with(&origin, BODY_TIMEOUT).await?;
+    stalled_body_gets_408(
+        &gateway,
+        &origin,
+        "Content-Length 100, 10 bytes sent",
+        "/stall-length",
+        b"POST /stall-length HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+}
+
+/// A chunked body stalled in the middle of a chunk: 408 at body_read_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_stalled_mid_chunk_gets_408() -> anyhow::Result<()> {
+    let origin = Recorder::start().await?;
+    let gateway = gateway_with(&origin, BODY_TIMEOUT).await?;
+    stalled_body_gets_408(
+        &gateway,
+        &origin,
+        "chunked, stalled 3 bytes into a 10-byte chunk",
+        "/stall-chunked",
+        b"POST /stall-chunked HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\na\r\nhel",
+    )
+    .await
+}
+
+/// A body sent one byte every 250 ms (3 s in all) is served: the timeout
+/// is between reads, not for the whole body. The upstream's `timeout`
+/// (2 s) does not run while the gateway waits for the client either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_but_steady_body_is_served() -> anyhow::Result<()> {
+    let origin = Recorder::start().await?;
+    let gateway = Manifest::simple(origin.addr(), BODY_TIMEOUT, "timeout = \"2s\"")
+        .start()
+        .await?;
+    let body = b"steady-bytes";
+    let mut conn = Raw::connect(gateway.addr("web")).await?;
+    let started = Instant::now();
+    conn.send(
+        format!(
+            "POST /steady HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    for byte in body {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        conn.send(&[*byte]).await?;
+    }
+    let response = conn
+        .response()
+        .await?
+        .context("no answer to a steady body")?;
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+    assert_eq!(response.body, b"seen /steady\n");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2900),
+        "the body took {:?} to send",
+        started.elapsed()
+    );
+    match origin_body(&origin, "/steady").await? {
+        Some(Ok(received)) => assert_eq!(received, body),
+        other => panic!("the origin did not get the whole body: {other:?}"),
+    }
+    still_serves(&gateway, &origin).await
+}
+
+/// Once the origin has answered and streams its response while the body
+/// still arrives, a stall cuts both: the upstream request is aborted and
+/// the client's connection closes without the response's last chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_stalled_while_the_response_streams_cuts_the_connection() -> anyhow::Result<()> {
+    let origin = sluice_tests::Origin::start("stream", sluice_tests::Mode::StreamEcho).await?;
+    let gateway = Manifest::simple(origin.addr(), BODY_TIMEOUT, "timeout = \"5s\"")
+        .start()
+        .await?;
+    let mut stream = connect(gateway.addr("web")).await?;
+    stream
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await?;
+    // The response head and the echoed first chunk come back at once.
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find(&received, b"hello").is_none() {
+        let n = within("the echoed chunk", WAIT, stream.read(&mut chunk)).await??;
+        anyhow::ensure!(
+            n > 0,
+            "closed before echoing: {:?}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&chunk[..n]);
+    }
+    let stalled = Instant::now();
+    let ended = within(
+        "the gateway to cut the stalled exchange",
+        Duration::from_secs(5),
+        async {
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => received.extend_from_slice(&chunk[..n]),
+                }
+            }
+        },
+    )
+    .await;
+    let elapsed = stalled.elapsed();
+    assert!(
+        ended.is_ok(),
+        "still open {elapsed:?} after the body stalled"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "cut after {elapsed:?}; body_read_timeout is 1s"
+    );
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "the response must not look complete: {text:?}"
+    );
+    let reply = fetch(gateway.addr("web"), get("app.test", "/after")).await?;
+    assert_eq!(reply.status, 200, "{}", reply.excerpt());
+    Ok(())
+}
+
+/// HTTP/2: a stream whose DATA stops short of its content-length gets 408
+/// at body_read_timeout; the origin never gets the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_body_stalled_short_of_its_content_length_gets_408() -> anyhow::Result<()> {
+    let origin = Recorder::start().await?;
+    let gateway = gateway_with(&origin, BODY_TIMEOUT).await?;
+    let (feed, body) = sluice_tests::client::channel_body(4);
+    let mut client: H2<sluice_tests::client::ChannelBody> =
+        H2::connect(gateway.addr("web")).await?;
+    let req = http::Request::post("http://app.test/stall-h2")
+        .header(http::header::CONTENT_LENGTH, "100")
+        .body(body)?;
+    feed.send(Bytes::from_static(b"0123456789")).await?;
+    let started = Instant::now();
+    let reply = client.request(req).await?;
+    let elapsed = started.elapsed();
+    assert_eq!(reply.status, 408, "{}", reply.excerpt());
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "answered after {elapsed:?}; body_read_timeout is 1s"
+    );
+    if let Some(Ok(body)) = origin_body(&origin, "/stall-h2").await? {
+        panic!(
+            "the origin got a complete request, body {:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    drop(feed);
+    still_serves_h2(&gateway, &origin).await
+}

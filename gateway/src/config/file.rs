@@ -127,6 +127,8 @@ pub(crate) struct ListenerFile {
     pub(crate) redirect_https: Option<u16>,
     pub(crate) max_connections: Option<usize>,
     pub(crate) header_read_timeout: Option<DurationText>,
+    /// Longest wait between two reads of a request body (nginx's `client_body_timeout`).
+    pub(crate) body_read_timeout: Option<DurationText>,
     pub(crate) idle_timeout: Option<DurationText>,
     pub(crate) max_header_bytes: Option<ByteSize>,
     pub(crate) max_headers: Option<usize>,

@@ -34,6 +34,8 @@ use file::{
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time a client has to send a request head (also the HTTP/1.1 keep-alive idle limit).
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest wait for the next bytes of a request body (nginx's `client_body_timeout`).
+const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time a client connection may sit with no request in flight.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on the request head (request line and headers).
@@ -96,6 +98,9 @@ pub(crate) struct ListenerConfig {
     pub(crate) redirect_https: Option<u16>,
     pub(crate) max_connections: usize,
     pub(crate) header_read_timeout: Duration,
+    /// Longest wait for the client's next request body bytes: a stall past
+    /// it answers 408 (or cuts a response already under way) and closes.
+    pub(crate) body_read_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_header_bytes: usize,
     pub(crate) max_headers: usize,
@@ -609,6 +614,7 @@ impl Validator<'_> {
             }
             for (field, value) in [
                 ("header_read_timeout", file.header_read_timeout),
+                ("body_read_timeout", file.body_read_timeout),
                 ("idle_timeout", file.idle_timeout),
             ] {
                 if value.is_some_and(|d| d.0.is_zero()) {
@@ -624,6 +630,9 @@ impl Validator<'_> {
                 header_read_timeout: file
                     .header_read_timeout
                     .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+                body_read_timeout: file
+                    .body_read_timeout
+                    .map_or(DEFAULT_BODY_READ_TIMEOUT, |d| d.0),
                 idle_timeout: file.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
                 max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
                 max_headers: file.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
@@ -1426,6 +1435,43 @@ mod tests {
             vec![
                 "route[0].upstream: route \"api\": upstream \"apx\" is not defined (did you mean \"api\"?)"
             ]
+        );
+    }
+
+    #[test]
+    fn listener_timeouts_are_named_and_default_like_nginx() {
+        let config = Config::parse(GOOD, Path::new("t.toml")).expect("valid");
+        assert_eq!(
+            config.listeners[0].body_read_timeout,
+            Duration::from_secs(60)
+        );
+        let with = |line: &str| {
+            errors(&GOOD.replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:0\"\n{line}"),
+            ))
+        };
+        assert_eq!(
+            with("body_read_timeout = \"0s\""),
+            ["listener[0].body_read_timeout: must be greater than zero"]
+        );
+        let unitless = with("body_read_timeout = \"5\"");
+        assert!(
+            unitless.len() == 1
+                && unitless[0].starts_with("listener[0].body_read_timeout: invalid duration \"5\""),
+            "{unitless:?}"
+        );
+        let set = Config::parse(
+            &GOOD.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nbody_read_timeout = \"250ms\"",
+            ),
+            Path::new("t.toml"),
+        )
+        .expect("valid");
+        assert_eq!(
+            set.listeners[0].body_read_timeout,
+            Duration::from_millis(250)
         );
     }
 

@@ -14,7 +14,10 @@ use hyper_util::rt::TokioIo;
 
 use super::ListenerContext;
 use super::activity::Activity;
-use super::body::{RequestBody, RequestBodyError, ResponseBody, UnsentBody};
+use super::body::{
+    BodyLimits, ClientWait, RequestBody, RequestBodyError, ResponseBody, UnsentBody,
+    upstream_timeout,
+};
 use super::forward::{self, ClientHop};
 use crate::plugin::chain::{LocalReply, Verdict, apply_on_error};
 use crate::plugin::host::{RequestState, copy_parts};
@@ -161,8 +164,11 @@ async fn proxy(
     outcome.route = Some(route.name.clone());
     outcome.metrics = Some(route.metrics.clone());
 
-    let body_limit = route.max_body_bytes.or(listener.config.max_body_bytes);
-    if let Some(limit) = body_limit
+    let body_limits = BodyLimits {
+        max_bytes: route.max_body_bytes.or(listener.config.max_body_bytes),
+        read_timeout: listener.config.body_read_timeout,
+    };
+    if let Some(limit) = body_limits.max_bytes
         && content_length(&req).is_some_and(|length| length > limit)
     {
         return local(
@@ -255,6 +261,7 @@ async fn proxy(
         version: request.parts.version,
         authority: request.parts.uri.authority(),
     };
+    let client_version = hop.version;
     forward::request_headers(&mut request.parts.headers, hop, upgrade);
     request.parts.version = http::Version::HTTP_11;
     let path_and_query = request
@@ -265,6 +272,8 @@ async fn proxy(
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     let empty_body = http_body::Body::is_end_stream(&body);
+    // Only a body that streams has a client to wait for.
+    let client_wait = (!empty_body).then(ClientWait::new);
     // Only a body that may be needed again is watched for coming back unread.
     let unsent = retries
         .filter(|_| !empty_body)
@@ -331,8 +340,10 @@ async fn proxy(
             }
         }
         let try_body = match (body.take(), &unsent) {
-            (Some(incoming), Some(unsent)) => RequestBody::returning(incoming, body_limit, unsent),
-            (Some(incoming), _) => RequestBody::new(incoming, body_limit),
+            (Some(incoming), Some(unsent)) => {
+                RequestBody::returning(incoming, body_limits, client_wait.as_ref(), unsent)
+            }
+            (Some(incoming), None) => RequestBody::new(incoming, body_limits, client_wait.as_ref()),
             (None, _) => RequestBody::empty(),
         };
         let upstream_req = Request::from_parts(parts, try_body);
@@ -343,7 +354,12 @@ async fn proxy(
             .min(deadline.saturating_duration_since(Instant::now()));
         let forwarding = Instant::now();
         let in_flight = endpoint.begin();
-        let sent = tokio::time::timeout(try_timeout, upstream.client.request(upstream_req)).await;
+        let sent = upstream_timeout(
+            try_timeout,
+            client_wait.as_deref(),
+            upstream.client.request(upstream_req),
+        )
+        .await;
         drop(in_flight);
         let latency = forwarding.elapsed();
         let result = match &sent {
@@ -419,7 +435,15 @@ async fn proxy(
         Ok(Ok(_)) => None,
     };
     if let Some((status, kind, text)) = failure {
-        return local(status, text, kind, outcome);
+        let mut response = local(status, text, kind, outcome);
+        if CLIENT_BODY_FAILURES.contains(&kind) && client_version < http::Version::HTTP_2 {
+            // The rest of the body is unread (a stalled client may still send
+            // it): nothing after it on this connection can be read as a request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return response;
     }
     let Ok(Ok(mut response)) = sent else {
         return local(
@@ -550,8 +574,12 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
+/// Why [`classify`] puts a failure on the client's body rather than the upstream.
+const CLIENT_BODY_FAILURES: [&str; 3] = ["body-too-large", "body-timeout", "client-body-error"];
+
 /// Maps a failed upstream exchange to the client's status: 413 when our body
-/// limit cut the upload, 504 for a connect timeout, 502 for every other failure.
+/// limit cut the upload, 408 when the client stalled its body, 400 when its
+/// body failed, 504 for a connect timeout, 502 for every other failure.
 fn classify(
     error: &hyper_util::client::legacy::Error,
 ) -> (StatusCode, &'static str, &'static str, Option<ErrorKind>) {
@@ -564,6 +592,12 @@ fn classify(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body-too-large",
                     "request body too large\n",
+                    None,
+                ),
+                RequestBodyError::TimedOut { .. } => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body-timeout",
+                    "request body timed out\n",
                     None,
                 ),
                 RequestBodyError::Client(_) => (
