@@ -526,3 +526,378 @@ async fn a_blue_green_flip_through_the_admin_api_drops_nothing() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Sends `bytes` to the admin API on a fresh connection and reads until the
+/// gateway closes it (bounded by `limit`); returns all it sent back.
+async fn raw_admin(
+    admin: std::net::SocketAddr,
+    bytes: &[u8],
+    limit: Duration,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = sluice_tests::client::connect(admin).await?;
+    stream.write_all(bytes).await?;
+    let mut received = Vec::new();
+    sluice_tests::within(
+        "the admin API to answer and close",
+        limit,
+        stream.read_to_end(&mut received),
+    )
+    .await??;
+    Ok(String::from_utf8_lossy(&received).into_owned())
+}
+
+/// The names and sizes of every file under `dir`, sorted.
+fn files_under(dir: &std::path::Path) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                found.push((entry.path().display().to_string(), meta.len()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Every credential but the right one is refused alike: none, a wrong one of
+/// the right length, shorter, longer (by one and by 8 KiB), empty, another
+/// scheme. Reads need the token as much as changes do; the scheme's case
+/// does not matter (RFC 9110 §11.1).
+#[tokio::test]
+async fn every_token_but_the_right_one_gets_401() -> anyhow::Result<()> {
+    let origin = Origin::echo("tokens-origin").await?;
+    let token = "right-token-0123456789";
+    let gateway = gateway("guarded", &origin, token).await?;
+    let admin = gateway.admin_addr();
+    let before = admin_get(admin, "/plugins", Some(token)).await?;
+    anyhow::ensure!(before.status == 200, "{}", before.excerpt());
+    let version = before.json()?[0]["version"].clone();
+    let probe = std::fs::read(PROBE)?;
+    let longer = format!("{token}0");
+    let huge = format!("{token}{}", "0".repeat(8 << 10));
+    let wrong_values = [
+        None,
+        Some("Bearer wrong-token-0123456789".to_string()),
+        Some("Bearer right-token-012345678".to_string()),
+        Some(format!("Bearer {longer}")),
+        Some(format!("Bearer {huge}")),
+        Some("Bearer ".to_string()),
+        Some("Bearer".to_string()),
+        Some(format!("Basic {token}")),
+        Some(format!("Bearer  {token}")),
+        Some(token.to_string()),
+    ];
+    for value in &wrong_values {
+        for (method, path, body) in [
+            ("PUT", "/plugins/guarded", probe.clone()),
+            ("POST", "/reload", Vec::new()),
+            ("GET", "/plugins", Vec::new()),
+            ("GET", "/upstreams", Vec::new()),
+            ("GET", "/metrics", Vec::new()),
+        ] {
+            let mut client: H1 = H1::connect(admin).await?;
+            let mut req = sluice_tests::client::request(method, "admin.test", path, body);
+            if let Some(value) = value {
+                req.headers_mut()
+                    .insert(http::header::AUTHORIZATION, value.parse()?);
+            }
+            let reply = client.request(req).await?;
+            anyhow::ensure!(
+                reply.status == 401,
+                "{method} {path} with {:?}: {}",
+                value
+                    .as_deref()
+                    .map(|v| v.chars().take(40).collect::<String>()),
+                reply.excerpt()
+            );
+            anyhow::ensure!(reply.header("www-authenticate") == Some("Bearer"));
+            anyhow::ensure!(
+                reply.text().contains("a valid bearer token is required"),
+                "{}",
+                reply.text()
+            );
+        }
+    }
+    // The probes answer without a token; the scheme is case-insensitive.
+    anyhow::ensure!(admin_get(admin, "/health/live", None).await?.status == 200);
+    let mut client: H1 = H1::connect(admin).await?;
+    let mut req = get("admin.test", "/plugins");
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("bearer {token}").parse()?,
+    );
+    let after = client.request(req).await?;
+    anyhow::ensure!(after.status == 200, "{}", after.excerpt());
+    anyhow::ensure!(
+        after.json()?[0]["version"] == version,
+        "no refused upload changed the plugin"
+    );
+    Ok(())
+}
+
+/// `PUT /plugins/NAME` over MAX_UPLOAD_BYTES: a Content-Length over it is
+/// answered 413 before any of the body is sent; a chunked upload is cut
+/// once it passes the limit, not read to its end. The running version
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_uploads_get_413_without_being_read() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let origin = Origin::echo("big-origin").await?;
+    let token = "big-token-0123456789";
+    let gateway = gateway("guarded", &origin, token).await?;
+    let admin = gateway.admin_addr();
+    let limit = sluice::admin::MAX_UPLOAD_BYTES;
+    let running = admin_get(admin, "/plugins", Some(token)).await?.json()?[0]["version"].clone();
+
+    // Declared too large: the answer comes though not a byte of body was sent.
+    let head = format!(
+        "PUT /plugins/guarded HTTP/1.1\r\nHost: admin.test\r\nAuthorization: Bearer {token}\r\nContent-Type: application/wasm\r\nContent-Length: {}\r\n\r\n",
+        limit + 1
+    );
+    let answer = raw_admin(admin, head.as_bytes(), Duration::from_secs(3)).await?;
+    anyhow::ensure!(
+        answer.starts_with("HTTP/1.1 413 "),
+        "a Content-Length over the limit: {answer}"
+    );
+    anyhow::ensure!(
+        answer.contains(&format!("the body is larger than {limit} bytes")),
+        "{answer}"
+    );
+
+    // Chunked, no length: cut at the limit. The gateway stops reading, so
+    // the client can push at most the limit plus the sockets' buffers.
+    let stream = sluice_tests::client::connect(admin).await?;
+    let (mut read, mut write) = stream.into_split();
+    let head = format!(
+        "PUT /plugins/guarded HTTP/1.1\r\nHost: admin.test\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    write.write_all(head.as_bytes()).await?;
+    let offered = limit + (64 << 20);
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'w'; 1 << 20];
+        let framed = [
+            format!("{:x}\r\n", chunk.len()).into_bytes(),
+            chunk,
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        let mut sent = 0usize;
+        while sent < offered {
+            if write.write_all(&framed).await.is_err() {
+                break;
+            }
+            sent += 1 << 20;
+        }
+        sent
+    });
+    let mut answer = Vec::new();
+    sluice_tests::within(
+        "the 413 to a chunked upload over the limit",
+        Duration::from_secs(30),
+        read.read_to_end(&mut answer),
+    )
+    .await??;
+    let sent =
+        sluice_tests::within("the writer to stop", Duration::from_secs(30), writer).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    anyhow::ensure!(
+        answer.starts_with("HTTP/1.1 413 "),
+        "a chunked upload over the limit: {answer}"
+    );
+    anyhow::ensure!(
+        sent < limit + (24 << 20),
+        "the client pushed {sent} bytes: the gateway kept reading past the {limit}-byte limit"
+    );
+
+    let after = admin_get(admin, "/plugins", Some(token)).await?.json()?;
+    anyhow::ensure!(after[0]["version"] == running, "{after}");
+    let served = H1::connect(gateway.addr("web"))
+        .await?
+        .request(probe_request())
+        .await?;
+    anyhow::ensure!(served.status == 200, "{}", served.excerpt());
+    Ok(())
+}
+
+/// A change names one of the manifest's plugins, as its path segment,
+/// undecoded. Traversal (`..`, `%2e%2e`, `%2F`), NUL, slashes and very long
+/// names are refused with a 4xx saying why, before the body is read (the
+/// component in these requests would compile), and no file appears.
+#[tokio::test]
+async fn plugin_names_outside_the_manifest_are_refused_and_write_nothing() -> anyhow::Result<()> {
+    let origin = Origin::echo("names-origin").await?;
+    let token = "names-token-0123456789";
+    let dir = tempfile::tempdir()?;
+    let audit_log = dir.path().join("audit.jsonl");
+    let gateway = Manifest::new()
+        .listener("web", "")
+        .raw(&format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\naudit_log = {:?}\n",
+            audit_log.display().to_string()
+        ))
+        .raw(&format!(
+            "[plugin.guard]\nsource = \"{PROBE}\"\nconfig = {{ tag = \"a\" }}\ndeadline = \"1s\"\n"
+        ))
+        .upstream("app", &[origin.addr()], "")
+        .route("all", "{}", "app", "policies = [\"guard\"]")
+        .start()
+        .await?;
+    let admin = gateway.admin_addr();
+    let manifest_dir = gateway
+        .manifest_path()
+        .parent()
+        .context("the manifest's directory")?
+        .to_path_buf();
+    let watched = |path: &std::path::Path| -> anyhow::Result<Vec<(String, u64)>> {
+        Ok(files_under(path)?
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with("audit.jsonl"))
+            .collect())
+    };
+    let before = (watched(dir.path())?, watched(&manifest_dir)?);
+    let running = admin_get(admin, "/plugins", Some(token)).await?.json()?[0]["version"].clone();
+    let probe = std::fs::read(PROBE)?;
+    let long = "a".repeat(5000);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "PUT",
+            "/plugins/..%2F..%2Fetc%2Fpasswd".into(),
+            400,
+            "invalid plugin name",
+        ),
+        ("PUT", "/plugins/%2e%2e".into(), 400, "invalid plugin name"),
+        ("PUT", "/plugins/..".into(), 400, "invalid plugin name"),
+        (
+            "PUT",
+            "/plugins/guard%2F..%2Fx".into(),
+            400,
+            "invalid plugin name",
+        ),
+        (
+            "PUT",
+            "/plugins/gu%00ard".into(),
+            400,
+            "invalid plugin name",
+        ),
+        (
+            "PUT",
+            "/plugins/guard.wasm".into(),
+            400,
+            "invalid plugin name",
+        ),
+        (
+            "PUT",
+            "/plugins/%2e%2e/config".into(),
+            400,
+            "invalid plugin name",
+        ),
+        (
+            "POST",
+            "/plugins/..%2F/rollback".into(),
+            400,
+            "invalid plugin name",
+        ),
+        ("PUT", format!("/plugins/{long}"), 404, "(5000 bytes)"),
+        (
+            "PUT",
+            "/plugins/nope".into(),
+            404,
+            "no plugin named \"nope\" in the manifest",
+        ),
+        ("PUT", "/plugins/Guard".into(), 404, "(declared: guard)"),
+        (
+            "PUT",
+            "/plugins/guard/../guard".into(),
+            404,
+            "no admin endpoint",
+        ),
+        ("PUT", "/plugins/a/b".into(), 404, "no admin endpoint"),
+        ("PUT", "/plugins/".into(), 400, "invalid plugin name \"\""),
+    ];
+    for (method, path, status, says) in &cases {
+        let body = if *method == "PUT" {
+            probe.clone()
+        } else {
+            Vec::new()
+        };
+        let reply = admin_send(admin, method, path, Some(token), body).await?;
+        let shown: String = path.chars().take(60).collect();
+        anyhow::ensure!(
+            reply.status == *status,
+            "{method} {shown}: {}",
+            reply.excerpt()
+        );
+        let error = reply.json()?["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        anyhow::ensure!(error.contains(says), "{method} {shown}: {error}");
+        anyhow::ensure!(
+            error.len() < 1000,
+            "{method} {shown}: the answer quotes all of it"
+        );
+    }
+
+    // Refused before the body is read: the answer comes though the body
+    // announced is never sent.
+    let head = format!(
+        "PUT /plugins/..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\nHost: admin.test\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+        probe.len()
+    );
+    let answer = raw_admin(admin, head.as_bytes(), Duration::from_secs(3)).await?;
+    anyhow::ensure!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let head = format!(
+        "PUT /plugins/nope HTTP/1.1\r\nHost: admin.test\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+        probe.len()
+    );
+    let answer = raw_admin(admin, head.as_bytes(), Duration::from_secs(3)).await?;
+    anyhow::ensure!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    // A raw NUL in the path is not HTTP: the parser refuses it.
+    let answer = raw_admin(
+        admin,
+        format!("PUT /plugins/gu\0ard HTTP/1.1\r\nHost: admin.test\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        Duration::from_secs(3),
+    )
+    .await?;
+    anyhow::ensure!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+
+    let after = admin_get(admin, "/plugins", Some(token)).await?.json()?;
+    anyhow::ensure!(after[0]["version"] == running, "{after}");
+    anyhow::ensure!(
+        (watched(dir.path())?, watched(&manifest_dir)?) == before,
+        "a refused name created or changed a file"
+    );
+    for base in [dir.path(), manifest_dir.as_path()] {
+        for stray in [
+            "..%2F..%2Fetc%2Fpasswd",
+            "%2e%2e",
+            "guard.wasm",
+            "nope",
+            "a",
+        ] {
+            anyhow::ensure!(!base.join(stray).exists(), "{}", base.join(stray).display());
+        }
+    }
+    // Each refusal is on record, with its status.
+    let recorded = admin_get(admin, "/audit", Some(token)).await?.json()?;
+    let statuses: Vec<u64> = recorded
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["result"] == "refused")
+        .filter_map(|e| e["status"].as_u64())
+        .collect();
+    anyhow::ensure!(
+        statuses.iter().filter(|s| **s == 400).count() >= 10
+            && statuses.iter().filter(|s| **s == 404).count() >= 4,
+        "{recorded}"
+    );
+    Ok(())
+}

@@ -31,6 +31,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -221,6 +222,13 @@ async fn route(
     };
     if let Some((action, target)) = change {
         let entry = AuditEntry::new(&actor, action, &target);
+        // Before any body is read: an upload for a name that is not one of
+        // the manifest's plugins is refused without taking it in.
+        if action != Action::Reload
+            && let Err(refusal) = declared_plugin(&control.config(), &target)
+        {
+            return finish(control, (entry, Err(refusal)));
+        }
         return match action {
             Action::Upload => {
                 let outcome = upload(control, &target, req, entry).await;
@@ -290,6 +298,57 @@ fn change_of(control: &Control, method: &Method, segments: &[&str]) -> Option<(A
         _ => return None,
     };
     Some((action, target.to_string()))
+}
+
+/// How much of a refused plugin name an answer quotes: the name comes from
+/// the request's path, the client's to choose.
+const QUOTED_NAME_CHARS: usize = 64;
+
+/// Checks that `name`, as it appears in an admin path, is a plugin of the
+/// running manifest: 400 for a name no manifest could declare (anything but
+/// letters, digits, `-` and `_`; the path is not percent-decoded, so `%2e`
+/// or `%2F` is refused as it is), 404 for one it does not declare.
+fn declared_plugin(config: &Config, name: &str) -> Result<(), Refusal> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid plugin name {}: a plugin name has only letters, digits, '-' and '_', as in the manifest's [plugin.NAME] (the path is not percent-decoded)",
+                quoted(name)
+            ),
+        ));
+    }
+    if config.plugin(name).is_none() {
+        let declared = config.plugin_names();
+        let declared = if declared.is_empty() {
+            "none".to_string()
+        } else {
+            declared.join(", ")
+        };
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no plugin named {} in the manifest; a change names one of its plugins (declared: {declared})",
+                quoted(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `name` quoted with its control characters escaped, and cut short
+/// (saying how long it was) past [`QUOTED_NAME_CHARS`].
+fn quoted(name: &str) -> String {
+    let count = name.chars().count();
+    if count <= QUOTED_NAME_CHARS {
+        return format!("{name:?}");
+    }
+    let start: String = name.chars().take(QUOTED_NAME_CHARS).collect();
+    format!("{start:?}... ({} bytes)", name.len())
 }
 
 /// Why a change was refused: the status it is answered with and the reason.
@@ -534,16 +593,27 @@ async fn plugins(control: &Control) -> Vec<PluginStatus> {
         .collect()
 }
 
-/// Whether `req` carries `Authorization: Bearer <token>`, compared in constant time.
+/// Whether `req` carries `Authorization: Bearer <token>` (the scheme in
+/// any case, RFC 9110 §11.1). The SHA-256 digests are compared, in
+/// constant time: comparing the tokens themselves would return at once on a
+/// length mismatch and so tell a client the token's length.
 fn authorized(req: &Request<Incoming>, token: &str) -> bool {
     let Some(presented) = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|v| bearer_token(v.as_bytes()))
     else {
         return false;
     };
-    bool::from(presented.ct_eq(token.as_bytes()))
+    let presented = Sha256::digest(presented);
+    let expected = Sha256::digest(token.as_bytes());
+    bool::from(presented.as_slice().ct_eq(expected.as_slice()))
+}
+
+/// The credentials of a `Bearer` authorization value.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"Bearer ").then_some(rest)
 }
 
 /// One upstream in `GET /upstreams`.
@@ -598,4 +668,29 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_required() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Bearer "), Some(&b""[..]));
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"abc"), None);
+    }
+
+    #[test]
+    fn quoted_names_are_escaped_and_cut_short() {
+        assert_eq!(quoted("a\0b"), "\"a\\0b\"");
+        let long = "x".repeat(5000);
+        let shown = quoted(&long);
+        assert!(shown.ends_with("... (5000 bytes)"), "{shown}");
+        assert!(shown.len() < 100, "{shown}");
+    }
 }
