@@ -119,7 +119,7 @@ pub(crate) async fn upstream_timeout<F: Future>(
             .await
             .map_err(|_| UpstreamTimedOut);
     };
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
     let waited_before = client_wait.waited();
     let mut exchange = std::pin::pin!(exchange);
     loop {
