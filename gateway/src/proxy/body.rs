@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::activity::InFlight;
 use crate::telemetry::AccessRecord;
+use crate::upstream::UpstreamBody;
 
 /// Why a request body stopped.
 #[derive(Debug, thiserror::Error)]
@@ -318,7 +319,7 @@ impl Body for RequestBody {
 /// What a response carries: the upstream's stream or a body made here.
 #[derive(Debug)]
 enum Payload {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Option<Bytes>),
 }
 
@@ -334,7 +335,7 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     /// The upstream's body, streamed through.
-    pub(crate) fn upstream(body: Incoming) -> Self {
+    pub(crate) fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
             payload: Payload::Upstream(body),
             log: None,

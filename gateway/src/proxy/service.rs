@@ -25,7 +25,7 @@ use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::{Endpoint, EndpointSet, TryResult};
+use crate::upstream::{Endpoint, EndpointSet, SendError, TryResult};
 
 /// Everything a request needs to know about its connection.
 #[derive(Debug)]
@@ -324,21 +324,8 @@ async fn proxy(
         } else {
             copy_parts(&request.parts)
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(endpoint.authority.clone());
-        uri.path_and_query = Some(path_and_query.clone());
-        match Uri::from_parts(uri) {
-            Ok(uri) => parts.uri = uri,
-            Err(_) => {
-                return local(
-                    StatusCode::BAD_REQUEST,
-                    "bad request target\n",
-                    "bad-uri",
-                    outcome,
-                );
-            }
-        }
+        // Origin-form: the connection already goes to the endpoint.
+        parts.uri = Uri::from(path_and_query.clone());
         let try_body = match (body.take(), &unsent) {
             (Some(incoming), Some(unsent)) => {
                 RequestBody::returning(incoming, body_limits, client_wait.as_ref(), unsent)
@@ -357,7 +344,7 @@ async fn proxy(
         let sent = upstream_timeout(
             try_timeout,
             client_wait.as_deref(),
-            upstream.client.request(upstream_req),
+            upstream.pool.send(endpoint.id, endpoint.addr, upstream_req),
         )
         .await;
         drop(in_flight);
@@ -580,9 +567,7 @@ const CLIENT_BODY_FAILURES: [&str; 3] = ["body-too-large", "body-timeout", "clie
 /// Maps a failed upstream exchange to the client's status: 413 when our body
 /// limit cut the upload, 408 when the client stalled its body, 400 when its
 /// body failed, 504 for a connect timeout, 502 for every other failure.
-fn classify(
-    error: &hyper_util::client::legacy::Error,
-) -> (StatusCode, &'static str, &'static str, Option<ErrorKind>) {
+fn classify(error: &SendError) -> (StatusCode, &'static str, &'static str, Option<ErrorKind>) {
     let mut source: Option<&(dyn StdError + 'static)> = Some(error);
     let mut timed_out = false;
     while let Some(cause) = source {

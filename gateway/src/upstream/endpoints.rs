@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::uri::Authority;
 
 use crate::config::EndpointConfig;
 
@@ -43,7 +42,6 @@ pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
     /// `addr` as text, as balancers and logs see it.
     pub(crate) address: Box<str>,
-    pub(crate) authority: Authority,
     pub(crate) weight: u32,
     pub(crate) backup: bool,
     pub(crate) labels: BTreeMap<String, String>,
@@ -81,9 +79,6 @@ impl Endpoint {
         Endpoint {
             id,
             addr: config.addr,
-            // A socket address always renders as a valid authority.
-            authority: Authority::try_from(address.as_str())
-                .unwrap_or_else(|_| Authority::from_static("invalid")),
             address: address.into_boxed_str(),
             weight: config.weight.max(1),
             backup: config.backup,

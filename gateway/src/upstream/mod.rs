@@ -4,25 +4,22 @@
 
 mod checks;
 mod endpoints;
+mod pool;
 mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use checks::HealthChecks;
 pub(crate) use checks::{HealthCheck, Probe};
 pub(crate) use endpoints::{
     CandidateSet, CircuitState, CircuitStatus, Endpoint, EndpointSet, EndpointStatus, Passive,
 };
+pub(crate) use pool::{Pool, SendError, UpstreamBody};
 pub(crate) use retry::{Backoff, RetryBudget, RetryOn, RetryPolicy, TryResult};
 
 use crate::config::UpstreamConfig;
 use crate::plugin::Plugin;
-use crate::proxy::body::RequestBody;
 
 /// Every upstream's endpoints in one config, in manifest order: what
 /// `health.healthy` looks names up in.
@@ -36,7 +33,8 @@ pub(crate) struct Upstream {
     pub(crate) endpoints: Arc<EndpointSet>,
     /// The plugin that picks endpoints, when the manifest names one.
     pub(crate) balancer: Option<Arc<Plugin>>,
-    pub(crate) client: Client<HttpConnector, RequestBody>,
+    /// This worker's keep-alive connections to the endpoints.
+    pub(crate) pool: Pool,
     /// How long to wait for the response head, retries included.
     pub(crate) timeout: Duration,
     /// Retries, when configured.
@@ -46,22 +44,16 @@ pub(crate) struct Upstream {
 impl Upstream {
     /// This worker's view of one upstream: the shared endpoints and a pool of its own.
     pub(crate) fn new(config: &UpstreamConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_max_idle_per_host(config.keepalive)
-            .pool_idle_timeout(config.keepalive_timeout)
-            .set_host(false)
-            .build(connector);
+        let pool = Pool::new(
+            config.keepalive,
+            config.keepalive_timeout,
+            config.connect_timeout,
+        );
         Upstream {
             name: config.endpoint_set.name.clone(),
             endpoints: config.endpoint_set.clone(),
             balancer: config.balancer.clone(),
-            client,
+            pool,
             timeout: config.timeout,
             retries: config.retries.clone(),
         }

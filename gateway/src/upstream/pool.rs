@@ -1,0 +1,547 @@
+//! Each worker's keep-alive connections to one upstream's endpoints: a
+//! connection is taken for one exchange and handed back, ready for the
+//! next, when the response body has been read to its end.
+//!
+//! A worker's requests never cross threads, so the lock around the idle
+//! lists is never contended; taking and returning a connection is a push
+//! and a pop. Nothing is spawned per request: only one task per
+//! connection (hyper's connection driver) and, while connections are idle,
+//! one timer task per pool that closes those idle longer than
+//! `keepalive_timeout`.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::proxy::body::RequestBody;
+
+/// One worker's idle keep-alive connections to an upstream's endpoints.
+/// A clone shares the connections.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Idle connections kept per endpoint at most (`keepalive`).
+    max_idle: usize,
+    /// How long a connection may stay idle (`keepalive_timeout`).
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    idle: Mutex<Idle>,
+}
+
+/// The idle connections, by endpoint id, most recently returned last.
+#[derive(Default)]
+struct Idle {
+    by_endpoint: Vec<Vec<IdleConnection>>,
+    /// Whether the task closing expired connections is running.
+    reaping: bool,
+}
+
+struct IdleConnection {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// Why an exchange with an endpoint failed.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection: refused, unreachable, or not made within
+    /// `connect_timeout` (an [`std::io::ErrorKind::TimedOut`] error).
+    Connect(std::io::Error),
+    /// The connection broke, or the exchange failed, before a response head.
+    Exchange(hyper::Error),
+}
+
+impl SendError {
+    /// Whether no connection could be made (nothing was sent).
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Connect(error) => write!(f, "connect: {error}"),
+            SendError::Exchange(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl StdError for SendError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            SendError::Connect(error) => Some(error),
+            SendError::Exchange(error) => Some(error),
+        }
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("max_idle", &self.inner.max_idle)
+            .field("idle_timeout", &self.inner.idle_timeout)
+            .field("connect_timeout", &self.inner.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// An empty pool keeping at most `max_idle` idle connections per
+    /// endpoint for `idle_timeout` each.
+    pub(crate) fn new(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Self {
+        Pool {
+            inner: Arc::new(Inner {
+                max_idle,
+                idle_timeout,
+                connect_timeout,
+                idle: Mutex::new(Idle::default()),
+            }),
+        }
+    }
+
+    /// Sends `request` (origin-form target, `Host` set) to endpoint `id` at
+    /// `addr` on an idle connection, or a new one when none is left. A
+    /// request an idle connection could not take because it had just
+    /// closed (the upstream's own keep-alive timeout) goes to the next one,
+    /// unsent, so that race never fails a request.
+    pub(crate) async fn send(
+        &self,
+        id: u32,
+        addr: SocketAddr,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        while let Some(mut sender) = self.checkout(id) {
+            // Ready at once unless the connection closed while idle.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.wrap(id, sender, response)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Exchange(error.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect(addr).await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(self.wrap(id, sender, response)),
+            Err(error) => Err(SendError::Exchange(error)),
+        }
+    }
+
+    /// How many idle connections the pool holds for endpoint `id`.
+    #[cfg(test)]
+    fn idle_count(&self, id: u32) -> usize {
+        self.lock().by_endpoint.get(id as usize).map_or(0, Vec::len)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently returned idle connection to endpoint `id` that is
+    /// still open and has not expired.
+    fn checkout(&self, id: u32) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.lock();
+        let list = idle.by_endpoint.get_mut(id as usize)?;
+        let now = Instant::now();
+        while let Some(connection) = list.pop() {
+            if !connection.sender.is_closed()
+                && now.duration_since(connection.since) < self.inner.idle_timeout
+            {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    /// Hands a connection back after its exchange ended cleanly.
+    fn checkin(&self, id: u32, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        let index = id as usize;
+        if idle.by_endpoint.len() <= index {
+            idle.by_endpoint.resize_with(index + 1, Vec::new);
+        }
+        let list = &mut idle.by_endpoint[index];
+        if list.len() >= self.inner.max_idle {
+            return;
+        }
+        list.push(IdleConnection {
+            sender,
+            since: Instant::now(),
+        });
+        if !idle.reaping
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            idle.reaping = true;
+            runtime.spawn(reap(Arc::downgrade(&self.inner)));
+        }
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<RequestBody>, SendError> {
+        let connecting = tokio::net::TcpStream::connect(addr);
+        let stream = match tokio::time::timeout(self.inner.connect_timeout, connecting).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(SendError::Connect(error)),
+            Err(_elapsed) => {
+                return Err(SendError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", self.inner.connect_timeout),
+                )));
+            }
+        };
+        stream.set_nodelay(true).map_err(SendError::Connect)?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Exchange)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, %addr, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The response with its body tied to the connection: the connection
+    /// goes back to the pool when the body ends. A `101 Switching
+    /// Protocols` connection now belongs to the tunnel and is never reused.
+    fn wrap(
+        &self,
+        id: u32,
+        sender: http1::SendRequest<RequestBody>,
+        response: Response<Incoming>,
+    ) -> Response<UpstreamBody> {
+        let reusable =
+            self.inner.max_idle > 0 && response.status() != StatusCode::SWITCHING_PROTOCOLS;
+        let checkin = reusable.then(|| Checkin {
+            pool: self.clone(),
+            id,
+            sender,
+        });
+        let (parts, incoming) = response.into_parts();
+        let mut body = UpstreamBody {
+            body: incoming,
+            checkin,
+        };
+        if body.body.is_end_stream() {
+            body.release();
+        }
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Closes connections idle longer than the timeout, waking when the
+/// oldest expires; ends when none is left idle (the next return starts it
+/// again) or the pool is gone.
+async fn reap(pool: Weak<Inner>) {
+    loop {
+        let wake = {
+            let Some(inner) = pool.upgrade() else { return };
+            let mut idle = inner.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let mut oldest: Option<Instant> = None;
+            for list in &mut idle.by_endpoint {
+                list.retain(|c| {
+                    !c.sender.is_closed() && now.duration_since(c.since) < inner.idle_timeout
+                });
+                if let Some(first) = list.first() {
+                    oldest = Some(oldest.map_or(first.since, |o| o.min(first.since)));
+                }
+            }
+            match oldest {
+                Some(since) => since + inner.idle_timeout,
+                None => {
+                    idle.reaping = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+/// A connection to hand back when its response body ends.
+struct Checkin {
+    pool: Pool,
+    id: u32,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+/// An upstream response body; its connection returns to the pool when the
+/// body has been read to its end (one that is dropped unread closes it).
+pub(crate) struct UpstreamBody {
+    body: Incoming,
+    checkin: Option<Checkin>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(Checkin { pool, id, sender }) = self.checkin.take() {
+            pool.checkin(id, sender);
+        }
+    }
+}
+
+impl fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("body", &self.body)
+            .field("pooled", &self.checkin.is_some())
+            .finish()
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Connections an origin accepted and saw closed.
+    #[derive(Default)]
+    struct Counts {
+        accepted: AtomicUsize,
+        closed: AtomicUsize,
+    }
+
+    /// A keep-alive HTTP/1.1 origin answering "ok".
+    async fn origin() -> (SocketAddr, Arc<Counts>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let counts = Arc::new(Counts::default());
+        let seen = counts.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                seen.accepted.fetch_add(1, Ordering::SeqCst);
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    seen.closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, counts)
+    }
+
+    fn get() -> Request<RequestBody> {
+        Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "origin")
+            .body(RequestBody::empty())
+            .expect("request")
+    }
+
+    async fn read_all(pool: &Pool, addr: SocketAddr) -> Bytes {
+        let response = pool.send(0, addr, get()).await.expect("send");
+        assert_eq!(response.status(), StatusCode::OK);
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 2 s: {what}");
+    }
+
+    #[tokio::test]
+    async fn a_read_response_returns_its_connection_for_the_next_request() {
+        let (addr, counts) = origin().await;
+        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_secs(1));
+        for _ in 0..5 {
+            assert_eq!(read_all(&pool, addr).await, "ok");
+        }
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(0), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unread_response_does_not_return_its_connection() {
+        let (addr, counts) = origin().await;
+        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_secs(1));
+        let response = pool.send(0, addr, get()).await.expect("send");
+        assert_eq!(pool.idle_count(0), 0, "returned before its body was read");
+        drop(response);
+        assert_eq!(pool.idle_count(0), 0, "returned with its body unread");
+        assert_eq!(read_all(&pool, addr).await, "ok");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_after_the_keepalive_timeout() {
+        let (addr, counts) = origin().await;
+        let pool = Pool::new(8, Duration::from_millis(100), Duration::from_secs(1));
+        read_all(&pool, addr).await;
+        assert_eq!(pool.idle_count(0), 1);
+        eventually("the idle connection is closed at the origin", || {
+            counts.closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert_eq!(pool.idle_count(0), 0);
+        // And the pool connects again afterwards.
+        assert_eq!(read_all(&pool, addr).await, "ok");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn at_most_keepalive_connections_stay_idle_per_endpoint() {
+        let (addr, counts) = origin().await;
+        let pool = Pool::new(2, Duration::from_secs(60), Duration::from_secs(1));
+        // Three exchanges at once need three connections.
+        let responses =
+            futures_util::future::join_all((0..3).map(|_| pool.send(0, addr, get()))).await;
+        for response in responses {
+            let body = response
+                .expect("send")
+                .into_body()
+                .collect()
+                .await
+                .expect("body");
+            assert_eq!(body.to_bytes(), "ok");
+        }
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.idle_count(0), 2);
+        eventually("the third connection is closed", || {
+            counts.closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+
+        let none = Pool::new(0, Duration::from_secs(60), Duration::from_secs(1));
+        read_all(&none, addr).await;
+        assert_eq!(none.idle_count(0), 0);
+    }
+
+    /// An origin that answers one request per connection and then closes it
+    /// without saying so (no `Connection: close`), as an upstream whose
+    /// keep-alive timeout just fired does.
+    async fn closing_origin() -> (SocketAddr, Arc<Counts>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let counts = Arc::new(Counts::default());
+        let seen = counts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                seen.accepted.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                drop(stream);
+            }
+        });
+        (addr, counts)
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_costs_no_request() {
+        let (addr, counts) = closing_origin().await;
+        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_secs(1));
+        for _ in 0..20 {
+            assert_eq!(read_all(&pool, addr).await, "ok");
+        }
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn connect_failures_and_timeouts_are_connect_errors() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let closed = listener.local_addr().expect("addr");
+        drop(listener);
+        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_millis(200));
+        let error = pool.send(0, closed, get()).await.expect_err("refused");
+        assert!(error.is_connect(), "{error}");
+        // TEST-NET-1 is not routed: unreachable at once, or no answer to
+        // the SYN within the connect timeout; either is a connect error.
+        let silent: SocketAddr = "192.0.2.1:80".parse().expect("addr");
+        let error = pool.send(1, silent, get()).await.expect_err("timed out");
+        assert!(error.is_connect(), "{error}");
+    }
+}
