@@ -855,10 +855,12 @@ fn check_forwarded(sent: &Sent, seen: &HeaderMap) {
     let mut chain: Vec<Vec<u8>> = Vec::new();
     if !named("x-forwarded-for") {
         for value in sent.headers.get_all("x-forwarded-for") {
-            match value.to_str() {
-                Ok(text) => chain.extend(text.split(',').map(|e| e.trim().as_bytes().to_vec())),
-                Err(_) => chain.push(Vec::new()),
-            }
+            chain.extend(
+                value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .map(|e| e.trim_ascii().to_vec()),
+            );
         }
     }
     chain.push(b"127.0.0.1".to_vec());

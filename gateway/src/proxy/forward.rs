@@ -1,7 +1,7 @@
 //! Header rewriting between client and upstream: hop-by-hop removal,
 //! `X-Forwarded-*`, `Via`, `x-request-id`.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::Version;
@@ -104,18 +104,16 @@ pub(crate) fn request_headers(
         headers.insert(header::UPGRADE, protocol);
     }
 
-    let mut forwarded_for = String::with_capacity(64);
-    for (i, value) in headers.get_all(&X_FORWARDED_FOR).iter().enumerate() {
-        if i > 0 {
-            forwarded_for.push_str(", ");
-        }
-        forwarded_for.push_str(value.to_str().unwrap_or(""));
-    }
-    if !forwarded_for.is_empty() {
-        forwarded_for.push_str(", ");
+    // The client's chain as it came (bytes, not text: an entry that is not
+    // UTF-8 is kept, as nginx's $proxy_add_x_forwarded_for keeps it), then
+    // the client.
+    let mut forwarded_for = Vec::with_capacity(64);
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        forwarded_for.extend_from_slice(value.as_bytes());
+        forwarded_for.extend_from_slice(b", ");
     }
     let _ = write!(forwarded_for, "{}", hop.ip);
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded_for)) {
         headers.insert(&X_FORWARDED_FOR, value);
     }
     headers.insert(
@@ -227,6 +225,19 @@ mod tests {
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-host"], "a.example");
         assert_eq!(headers["via"], "1.1 sluice");
+    }
+
+    #[test]
+    fn a_forwarded_for_chain_that_is_not_utf8_is_kept() {
+        let mut headers = HeaderMap::new();
+        let odd = HeaderValue::from_bytes(b"203.0.113.9, \xe2\x80").expect("obs-text");
+        headers.append("x-forwarded-for", odd);
+        headers.append("x-forwarded-for", HeaderValue::from_static("198.51.100.2"));
+        request_headers(&mut headers, hop(), None);
+        assert_eq!(
+            headers["x-forwarded-for"].as_bytes(),
+            b"203.0.113.9, \xe2\x80, 198.51.100.2, 10.0.0.7"
+        );
     }
 
     #[test]
