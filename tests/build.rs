@@ -1,6 +1,7 @@
-//! Compiles the guests the integration tests load — the Rust example policy
-//! and the probe — to `wasm32-wasip2` components, and tells the tests where
-//! they are: `env!("SLUICE_EXAMPLE_BLOCK_WASM")`, `env!("SLUICE_TEST_PROBE_WASM")`.
+//! Compiles the guests the integration tests load — the Rust example policy,
+//! the probe and the picker balancer — to `wasm32-wasip2` components, and
+//! tells the tests where they are: `env!("SLUICE_EXAMPLE_BLOCK_WASM")`,
+//! `env!("SLUICE_TEST_PROBE_WASM")`, `env!("SLUICE_TEST_PICKER_WASM")`.
 
 // The guest-building code is the gateway's build script (one inner target
 // directory, one way of building).
@@ -19,6 +20,11 @@ const GUESTS: &[(&str, &str, &str)] = &[
         "sluice-test-probe",
         "tests/plugins/probe",
         "SLUICE_TEST_PROBE_WASM",
+    ),
+    (
+        "sluice-test-picker",
+        "tests/plugins/picker",
+        "SLUICE_TEST_PICKER_WASM",
     ),
 ];
 
