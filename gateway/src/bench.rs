@@ -29,6 +29,7 @@ pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Pol
         on_error: OnError::Closed,
         deadline: std::time::Duration::from_secs(1),
         memory_bytes: 64 << 20,
+        max_host_calls: crate::plugin::DEFAULT_MAX_HOST_CALLS,
         reuse_instances: true,
         pool_size: 8,
         geo: None,

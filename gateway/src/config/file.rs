@@ -40,6 +40,8 @@ pub(crate) struct PluginFile {
     pub(crate) on_error: Option<OnErrorFile>,
     pub(crate) deadline: Option<DurationText>,
     pub(crate) memory: Option<ByteSize>,
+    /// Most host calls one hook call may make.
+    pub(crate) max_host_calls: Option<u32>,
     pub(crate) instances: Option<InstancesFile>,
     pub(crate) pool_size: Option<usize>,
     /// Where the plugin's `state` lives: `[state]`'s backend or in process.

@@ -945,6 +945,9 @@ impl Validator<'_> {
         if file.pool_size == Some(0) {
             self.problem(format!("{key}.pool_size"), "must be at least 1");
         }
+        if file.max_host_calls == Some(0) {
+            self.problem(format!("{key}.max_host_calls"), "must be at least 1");
+        }
         let spec = PluginSpec {
             name: name.to_string(),
             source,
@@ -955,6 +958,9 @@ impl Validator<'_> {
             },
             deadline,
             memory_bytes: usize::try_from(memory).unwrap_or(usize::MAX),
+            max_host_calls: file
+                .max_host_calls
+                .unwrap_or(crate::plugin::DEFAULT_MAX_HOST_CALLS),
             reuse_instances: !matches!(file.instances, Some(InstancesFile::PerRequest)),
             pool_size: file.pool_size.unwrap_or(DEFAULT_PLUGIN_POOL),
             geo: self.geo.clone(),
@@ -1004,6 +1010,7 @@ impl Validator<'_> {
                     on_error: OnError::Open,
                     deadline: DEFAULT_PLUGIN_DEADLINE,
                     memory_bytes: usize::try_from(DEFAULT_PLUGIN_MEMORY).unwrap_or(usize::MAX),
+                    max_host_calls: crate::plugin::DEFAULT_MAX_HOST_CALLS,
                     reuse_instances: true,
                     pool_size: DEFAULT_PLUGIN_POOL,
                     geo: self.geo.clone(),

@@ -26,6 +26,12 @@ use crate::upstream::{CandidateSet, CircuitState, Directory, EndpointSet, Passiv
 /// The longest hold `request.delay` may ask for.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(60);
 
+/// A hook call made more host calls than its plugin's `max_host_calls`: the
+/// host stops the call there (as a trap would) and discards the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("made more than {0} host calls in one call")]
+pub(crate) struct HostCallLimit(pub(crate) u32);
+
 /// A request head lent to a hook call.
 #[derive(Debug)]
 pub(crate) struct RequestState {
@@ -110,6 +116,10 @@ pub(crate) struct Ctx {
     /// to `deadline` in the current call: at most one `[state] timeout` per
     /// call, so a plugin looping on state calls is still stopped.
     state_grace: Duration,
+    /// The plugin's `max_host_calls`: most host calls one call may make.
+    max_host_calls: u32,
+    /// Host calls the current call may still make.
+    host_calls_left: u32,
     pub(crate) request: Option<RequestState>,
     pub(crate) response: Option<http::response::Parts>,
     pub(crate) upstream: Option<Arc<EndpointSet>>,
@@ -152,6 +162,8 @@ impl Ctx {
             scope,
             deadline: Instant::now(),
             state_grace: Duration::ZERO,
+            max_host_calls: spec.max_host_calls,
+            host_calls_left: spec.max_host_calls,
             request: None,
             response: None,
             upstream: None,
@@ -163,13 +175,30 @@ impl Ctx {
         }
     }
 
-    /// Starts a call that must end by `deadline`.
+    /// Starts a call that must end by `deadline` and may make
+    /// `max_host_calls` host calls.
     pub(crate) fn arm(&mut self, deadline: Instant) {
         self.deadline = deadline;
         self.state_grace = self
             .shared
             .as_ref()
             .map_or(Duration::ZERO, |shared| shared.timeout());
+        self.host_calls_left = self.max_host_calls;
+    }
+
+    /// Counts one host call; fails the call (and with it the guest's hook
+    /// call) once it exceeds `max_host_calls`. Each cheap import is bounded
+    /// by the deadline too, but only in time: a call looping on `log` or
+    /// `metrics` would otherwise do host work (and write log lines) for its
+    /// whole deadline on every request.
+    fn charge(&mut self) -> wasmtime::Result<()> {
+        match self.host_calls_left.checked_sub(1) {
+            Some(left) => {
+                self.host_calls_left = left;
+                Ok(())
+            }
+            None => Err(wasmtime::Error::new(HostCallLimit(self.max_host_calls))),
+        }
     }
 
     /// The store's resource limiter.
@@ -178,18 +207,21 @@ impl Ctx {
     }
 
     fn request(&mut self) -> wasmtime::Result<&mut RequestState> {
+        self.charge()?;
         self.request
             .as_mut()
             .ok_or_else(|| wasmtime::format_err!("the request is not available in this hook"))
     }
 
     fn response(&mut self) -> wasmtime::Result<&mut http::response::Parts> {
+        self.charge()?;
         self.response
             .as_mut()
             .ok_or_else(|| wasmtime::format_err!("the response is not available in this hook"))
     }
 
-    fn upstream(&self) -> wasmtime::Result<&EndpointSet> {
+    fn upstream(&mut self) -> wasmtime::Result<&EndpointSet> {
+        self.charge()?;
         self.upstream
             .as_deref()
             .ok_or_else(|| wasmtime::format_err!("the upstream is not available in this hook"))
@@ -203,11 +235,16 @@ impl Ctx {
             .filter(|u| !u.endpoints.is_empty())
     }
 
-    fn candidates(&self) -> wasmtime::Result<(&EndpointSet, &CandidateSet)> {
+    fn candidates(&mut self) -> wasmtime::Result<(&EndpointSet, &CandidateSet)> {
+        self.charge()?;
         let set = self.candidates.as_deref().ok_or_else(|| {
             wasmtime::format_err!("the candidates are not available in this hook")
         })?;
-        Ok((self.upstream()?, set))
+        let upstream = self
+            .upstream
+            .as_deref()
+            .ok_or_else(|| wasmtime::format_err!("the upstream is not available in this hook"))?;
+        Ok((upstream, set))
     }
 }
 
@@ -561,6 +598,7 @@ impl Ctx {
 
 impl state::Host for Ctx {
     async fn counter_add(&mut self, key: String, delta: i64, ttl_ms: u64) -> wasmtime::Result<i64> {
+        self.charge()?;
         let Some(shared) = self.shared.clone() else {
             return Ok(self.scope.state.counter_add(&key, delta, ttl_ms));
         };
@@ -574,6 +612,7 @@ impl state::Host for Ctx {
     }
 
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.charge()?;
         let Some(shared) = self.shared.clone() else {
             return Ok(self.scope.state.get(&key));
         };
@@ -589,6 +628,7 @@ impl state::Host for Ctx {
         value: String,
         ttl_ms: u64,
     ) -> wasmtime::Result<Result<(), Option<String>>> {
+        self.charge()?;
         let Some(shared) = self.shared.clone() else {
             return Ok(self.scope.state.compare_and_swap(
                 &key,
@@ -607,6 +647,7 @@ impl state::Host for Ctx {
     }
 
     async fn remove(&mut self, key: String) -> wasmtime::Result<()> {
+        self.charge()?;
         let Some(shared) = self.shared.clone() else {
             self.scope.state.remove(&key);
             return Ok(());
@@ -623,6 +664,7 @@ impl state::Host for Ctx {
         burst: u32,
         cost: u32,
     ) -> wasmtime::Result<state::ThrottleResult> {
+        self.charge()?;
         let rate = Rate {
             interval: Duration::from_nanos(interval_ns),
             burst,
@@ -657,10 +699,12 @@ static MONOTONIC_ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 impl clock::Host for Ctx {
     fn monotonic_ns(&mut self) -> wasmtime::Result<u64> {
+        self.charge()?;
         Ok(u64::try_from(MONOTONIC_ORIGIN.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 
     fn unix_ms(&mut self) -> wasmtime::Result<u64> {
+        self.charge()?;
         let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -670,6 +714,7 @@ impl clock::Host for Ctx {
 
 impl random::Host for Ctx {
     fn next_u64(&mut self) -> wasmtime::Result<u64> {
+        self.charge()?;
         Ok(fastrand::u64(..))
     }
 }
@@ -679,6 +724,7 @@ const MAX_LOG_MESSAGE: usize = 4096;
 
 impl log::Host for Ctx {
     fn write(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        self.charge()?;
         let mut message = message;
         if message.len() > MAX_LOG_MESSAGE {
             let mut end = MAX_LOG_MESSAGE;
@@ -701,11 +747,13 @@ impl log::Host for Ctx {
 
 impl metrics::Host for Ctx {
     fn counter_add(&mut self, name: String, delta: u64) -> wasmtime::Result<()> {
+        self.charge()?;
         self.scope.metrics.counter_add(&name, delta);
         Ok(())
     }
 
     fn gauge_set(&mut self, name: String, value: i64) -> wasmtime::Result<()> {
+        self.charge()?;
         self.scope.metrics.gauge_set(&name, value);
         Ok(())
     }
@@ -713,6 +761,7 @@ impl metrics::Host for Ctx {
 
 impl geo::Host for Ctx {
     fn lookup(&mut self, ip: String) -> wasmtime::Result<geo::Location> {
+        self.charge()?;
         let place = match (&self.geo, ip.trim().parse::<IpAddr>()) {
             (Some(database), Ok(ip)) => database.lookup(ip),
             _ => super::geo::Place::default(),
@@ -726,6 +775,7 @@ impl geo::Host for Ctx {
 
 impl health::Host for Ctx {
     fn healthy(&mut self, upstream: String) -> wasmtime::Result<Option<u32>> {
+        self.charge()?;
         let directory = self
             .request
             .as_ref()
@@ -737,6 +787,7 @@ impl health::Host for Ctx {
     }
 
     fn eject(&mut self, id: u32, duration_ms: u64, max_percent: u32) -> wasmtime::Result<bool> {
+        self.charge()?;
         Ok(self.current_upstream().is_some_and(|u| {
             u.eject(
                 id,
@@ -747,6 +798,7 @@ impl health::Host for Ctx {
     }
 
     fn readmit(&mut self, id: u32) -> wasmtime::Result<()> {
+        self.charge()?;
         if let Some(upstream) = self.current_upstream() {
             upstream.readmit(id);
         }
@@ -754,6 +806,7 @@ impl health::Host for Ctx {
     }
 
     fn report(&mut self, endpoint: Option<u32>, state: health::Circuit) -> wasmtime::Result<()> {
+        self.charge()?;
         let state = match state {
             health::Circuit::Closed => CircuitState::Closed,
             health::Circuit::Open => CircuitState::Open,

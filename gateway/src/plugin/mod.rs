@@ -102,6 +102,13 @@ impl fmt::Display for Source {
     }
 }
 
+/// `max_host_calls` when the manifest does not set it: far above what a
+/// policy needs (the first-party ones make a few host calls a call, plus one
+/// per endpoint when `consistent-hash` or `sticky-cookie` rebuilds its
+/// table), far below what a call looping on a cheap import makes before a
+/// 10 ms deadline (hundreds of thousands).
+pub(crate) const DEFAULT_MAX_HOST_CALLS: u32 = 10_000;
+
 /// What a failed call means for the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OnError {
@@ -121,6 +128,8 @@ pub(crate) struct PluginSpec {
     pub(crate) on_error: OnError,
     pub(crate) deadline: Duration,
     pub(crate) memory_bytes: usize,
+    /// Most host calls (imports of `sluice:policy`) one hook call may make.
+    pub(crate) max_host_calls: u32,
     /// Keep instances between calls (the default) or make one per call.
     pub(crate) reuse_instances: bool,
     /// Most idle instances kept ready.
@@ -182,6 +191,10 @@ pub(crate) enum HookError {
     /// The call ran past the plugin's deadline; its instance was discarded.
     #[error("ran past its {0:?} deadline")]
     Deadline(Duration),
+    /// The call made more host calls than `max_host_calls`; its instance
+    /// was discarded.
+    #[error("{0}")]
+    HostCalls(host::HostCallLimit),
     /// A shared-state call failed (`[state]` backend down or slow); the
     /// instance was discarded.
     #[error("shared state: {0}")]
@@ -505,6 +518,10 @@ impl Plugin {
                 if let Some(state) = error.downcast_ref::<shared_state::StateError>() {
                     self.scope.stats.record(elapsed, Some(Failure::State));
                     return Err(HookError::State(state.clone()));
+                }
+                if let Some(limit) = error.downcast_ref::<host::HostCallLimit>() {
+                    self.scope.stats.record(elapsed, Some(Failure::HostCalls));
+                    return Err(HookError::HostCalls(*limit));
                 }
                 let deadline = matches!(
                     error.downcast_ref::<wasmtime::Trap>(),

@@ -131,6 +131,7 @@ pub(crate) struct CallStats {
     errors: AtomicU64,
     traps: AtomicU64,
     timeouts: AtomicU64,
+    host_call_limits: AtomicU64,
     instances: AtomicU64,
     /// Call latency: bucket `i` counts calls under 2^i microseconds (the last one the rest).
     latency: [AtomicU64; LATENCY_BUCKETS],
@@ -149,6 +150,8 @@ pub(crate) enum Failure {
     Trap,
     /// The call ran past its deadline.
     Deadline,
+    /// The call made more host calls than the plugin's `max_host_calls`.
+    HostCalls,
     /// A shared-state call failed (Redis down or slow) and the plugin's
     /// `on_error` is "closed".
     State,
@@ -175,6 +178,10 @@ impl CallStats {
             Some(Failure::Deadline) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 self.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Failure::HostCalls) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.host_call_limits.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -204,6 +211,7 @@ impl CallStats {
             errors: load(&self.errors),
             traps: load(&self.traps),
             timeouts: load(&self.timeouts),
+            host_call_limits: load(&self.host_call_limits),
             instances: load(&self.instances),
             p99_us,
         }
@@ -228,6 +236,7 @@ impl CallStats {
             errors: load(&self.errors),
             traps: load(&self.traps),
             timeouts: load(&self.timeouts),
+            host_call_limits: load(&self.host_call_limits),
             latency_sum_s: load(&self.latency_sum_ns) as f64 / 1e9,
             latency,
         }
@@ -241,6 +250,7 @@ pub(crate) struct CallTotals {
     pub(crate) errors: u64,
     pub(crate) traps: u64,
     pub(crate) timeouts: u64,
+    pub(crate) host_call_limits: u64,
     /// Total call time, in seconds.
     pub(crate) latency_sum_s: f64,
     /// `(upper bound in seconds, calls)` per bucket; the last bound is +Inf.
@@ -258,6 +268,8 @@ pub struct CallStatsSnapshot {
     pub traps: u64,
     /// Calls stopped at their deadline.
     pub timeouts: u64,
+    /// Calls stopped for making more host calls than `max_host_calls`.
+    pub host_call_limits: u64,
     /// Instances created (the first, replacements after traps, and growth under concurrency).
     pub instances: u64,
     /// Upper bound of the 99th percentile call latency, in microseconds (a power of two).
@@ -301,6 +313,7 @@ mod tests {
         stats.record(Duration::from_millis(5), Some(Failure::Deadline));
         let snap = stats.snapshot();
         assert_eq!((snap.calls, snap.errors, snap.timeouts), (100, 1, 1));
+        assert_eq!((snap.traps, snap.host_call_limits), (0, 0));
         assert_eq!(snap.p99_us, 4, "99 of 100 calls were under 4 µs");
     }
 }

@@ -310,7 +310,7 @@ impl Collector for Snapshot {
             .values()
             .map(|p| (label("plugin", &p.name), p.call_totals()))
             .collect();
-        let plugin_counters: [Described<PluginCounter>; 4] = [
+        let plugin_counters: [Described<PluginCounter>; 5] = [
             (
                 "sluice_plugin_calls",
                 "Hook calls made to the plugin.",
@@ -318,7 +318,7 @@ impl Collector for Snapshot {
             ),
             (
                 "sluice_plugin_errors",
-                "Hook calls that failed: invalid results, traps and deadlines.",
+                "Hook calls that failed: invalid results, traps, deadlines and host-call limits.",
                 |t| t.errors,
             ),
             (
@@ -330,6 +330,11 @@ impl Collector for Snapshot {
                 "sluice_plugin_timeouts",
                 "Hook calls stopped at their deadline.",
                 |t| t.timeouts,
+            ),
+            (
+                "sluice_plugin_host_call_limits",
+                "Hook calls stopped for making more host calls than max_host_calls.",
+                |t| t.host_call_limits,
             ),
         ];
         for (name, help, value) in plugin_counters {
