@@ -6,11 +6,14 @@
 //! request head into the instance's store for the call ([`Ctx::request`]) and
 //! takes it back after, and each getter copies only the field asked for.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, LazyLock};
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -25,6 +28,26 @@ use crate::upstream::{CandidateSet, CircuitState, Directory, EndpointSet, Passiv
 
 /// The longest hold `request.delay` may ask for.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// A call still running at this many epoch ticks is a long call: it runs
+/// on only while it holds one of its plugin's permits
+/// ([`PluginScope::long_calls`]), in turns of [`TURN_TICKS`]. A tick counts
+/// only when the guest is running as it passes (time spent yielded does
+/// not), so a call of a few microseconds is almost never long, and a call
+/// that spins is long within about 500 µs.
+pub(crate) const LONG_CALL_TICKS: u32 = 2;
+
+/// How many ticks a long call runs with a permit before it gives it back to
+/// the plugin's long calls waiting in line (if any) and lines up again: a
+/// turn of 10 ms, the default deadline. Shorter turns hand the permit, and
+/// with it the spinning, from thread to thread more often, which costs the
+/// gateway's other requests: beside a flood of looping calls, the other
+/// route of `tests/tests/hostile_plugins.rs` kept 70-80% of what it keeps
+/// beside ordinary traffic with calls holding their permit to the end,
+/// 45-71% with 2 ms turns and 32-72% with turns of one tick (two busy
+/// cores). Longer turns make a call that only just became long (or a plugin
+/// with a long deadline) wait longer for its turn.
+const TURN_TICKS: u32 = 40;
 
 /// A hook call made more host calls than its plugin's `max_host_calls`: the
 /// host stops the call there (as a trap would) and discards the instance.
@@ -112,6 +135,14 @@ pub(crate) struct Ctx {
     pub(crate) scope: Arc<PluginScope>,
     /// When the current call must end.
     pub(crate) deadline: Instant,
+    /// Epoch ticks the current call has run through (see [`LONG_CALL_TICKS`]).
+    ticks: u32,
+    /// Ticks a long call has run in its current turn (see [`TURN_TICKS`]).
+    turn: u32,
+    /// A long call's permit for its current turn, put here by the wait that
+    /// got it; given back at the start of its next turn and when the call
+    /// ends ([`Ctx::end_call`], or the store is dropped).
+    long_permit: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
     /// How much more time waiting on the shared state backend may still add
     /// to `deadline` in the current call: at most one `[state] timeout` per
     /// call, so a plugin looping on state calls is still stopped.
@@ -161,6 +192,9 @@ impl Ctx {
             limits,
             scope,
             deadline: Instant::now(),
+            ticks: 0,
+            turn: 0,
+            long_permit: Arc::default(),
             state_grace: Duration::ZERO,
             max_host_calls: spec.max_host_calls,
             host_calls_left: spec.max_host_calls,
@@ -176,14 +210,72 @@ impl Ctx {
     }
 
     /// Starts a call that must end by `deadline` and may make
-    /// `max_host_calls` host calls.
-    pub(crate) fn arm(&mut self, deadline: Instant) {
+    /// `max_host_calls` host calls. Returns the latest the call can end:
+    /// `deadline` plus what waiting on shared state may add to it.
+    pub(crate) fn arm(&mut self, deadline: Instant) -> Instant {
+        self.end_call();
         self.deadline = deadline;
         self.state_grace = self
             .shared
             .as_ref()
             .map_or(Duration::ZERO, |shared| shared.timeout());
         self.host_calls_left = self.max_host_calls;
+        deadline + self.state_grace
+    }
+
+    /// Ends the current call's claim on its plugin's threads: the permit of
+    /// a long call goes back.
+    pub(crate) fn end_call(&mut self) {
+        self.turn = 0;
+        if std::mem::take(&mut self.ticks) >= LONG_CALL_TICKS {
+            self.long_permit
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+        }
+    }
+
+    /// What the call does at an epoch tick, its deadline not yet reached:
+    /// yield to other requests on its thread. A long call (see
+    /// [`LONG_CALL_TICKS`]) runs in turns of [`TURN_TICKS`], each with one
+    /// of its plugin's permits: at the start of a turn it gives back the
+    /// permit of its last turn and takes one for the next, waiting (without
+    /// running) in line behind the plugin's other long calls. They take
+    /// turns on at most the permits' share of the cores. The deadline keeps
+    /// running while a call waits; [`super::bounded`] stops the wait there.
+    pub(crate) fn pause(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        // tokio's yield_now puts the task at the back of the queue; a plain
+        // wake would run it again at once and starve the rest.
+        let yield_now = || Box::pin(tokio::task::yield_now());
+        self.ticks = self.ticks.saturating_add(1);
+        if self.ticks < LONG_CALL_TICKS {
+            return yield_now();
+        }
+        if self.ticks > LONG_CALL_TICKS && self.turn < TURN_TICKS {
+            self.turn += 1;
+            return yield_now();
+        }
+        self.turn = 1;
+        let permits = self.scope.long_calls.clone();
+        let mut slot = self
+            .long_permit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Given back first: a long call already waiting gets it (the
+        // semaphore is fair, so the `try_acquire` below cannot take it back).
+        slot.take();
+        if let Ok(permit) = permits.clone().try_acquire_owned() {
+            *slot = Some(permit);
+            return yield_now();
+        }
+        drop(slot);
+        let slot = self.long_permit.clone();
+        Box::pin(async move {
+            // The semaphore is never closed, so this waits for a permit.
+            if let Ok(permit) = permits.acquire_owned().await {
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(permit);
+            }
+        })
     }
 
     /// Counts one host call; fails the call (and with it the guest's hook

@@ -26,8 +26,11 @@ pub(crate) mod shared_state;
 mod state;
 
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -392,27 +395,22 @@ impl Plugin {
     async fn instantiate(&self) -> Result<Instance, InstantiateError> {
         let mut store = Store::new(&self.engine, Ctx::new(self.scope.clone(), &self.spec));
         store.limiter(Ctx::limiter);
-        // Each epoch tick past the deadline check: yield to other requests
-        // on this thread while time remains, trap once it is spent.
-        store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline {
+        // Each epoch tick past the deadline check: trap once the time is
+        // spent; while it remains, yield to other requests on this thread
+        // (and, for a long call, hold one of the plugin's long-call permits).
+        store.epoch_deadline_callback(|mut ctx| {
+            let ctx = ctx.data_mut();
+            if Instant::now() >= ctx.deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                // tokio's yield_now puts the task at the back of the queue;
-                // a plain wake would run it again at once and starve the rest.
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+                Ok(UpdateDeadline::YieldCustom(1, ctx.pause()))
             }
         });
         let other = |e: wasmtime::Error| InstantiateError::Other(format!("{e:#}"));
         // Instantiation runs start functions and, for Python and JavaScript
         // guests, their runtimes' setup: give it its own, roomier budget.
-        arm(&mut store, self.spec.deadline.max(INSTANTIATE_BUDGET));
-        let instance = self
-            .pre
-            .instantiate_async(&mut store)
+        let (_, latest) = arm(&mut store, self.spec.deadline.max(INSTANTIATE_BUDGET));
+        let instance = bounded(latest, self.pre.instantiate_async(&mut store))
             .await
             .map_err(other)?;
         let e = &self.exports;
@@ -445,15 +443,17 @@ impl Plugin {
         };
         if let Some(indices) = &e.configure {
             let configure = indices.load(&mut loaded.store, &instance).map_err(other)?;
-            arm(
+            let (_, latest) = arm(
                 &mut loaded.store,
                 self.spec.deadline.max(INSTANTIATE_BUDGET),
             );
-            configure
-                .call_init(&mut loaded.store, &self.spec.config)
-                .await
-                .map_err(other)?
-                .map_err(InstantiateError::Init)?;
+            bounded(
+                latest,
+                configure.call_init(&mut loaded.store, &self.spec.config),
+            )
+            .await
+            .map_err(other)?
+            .map_err(InstantiateError::Init)?;
         } else if self.spec.config != "{}" {
             return Err(InstantiateError::Init(
                 "the component takes no config (it does not export `configure`)".into(),
@@ -490,6 +490,7 @@ impl Plugin {
     fn release(&self, mut instance: Instance) {
         if self.spec.reuse_instances {
             let ctx = instance.store.data_mut();
+            ctx.end_call();
             ctx.request = None;
             ctx.response = None;
             ctx.upstream = None;
@@ -500,8 +501,9 @@ impl Plugin {
         }
     }
 
-    /// Starts the clock for one call.
-    fn arm(&self, instance: &mut Instance) -> Instant {
+    /// Starts the clock for one call; returns when it started and the
+    /// latest it may end (see [`bounded`]).
+    fn arm(&self, instance: &mut Instance) -> (Instant, Instant) {
         arm(&mut instance.store, self.spec.deadline)
     }
 
@@ -560,10 +562,12 @@ impl Plugin {
             return (req, Ok(Action::Continue));
         };
         instance.store.data_mut().request = Some(req);
-        let started = self.arm(&mut instance);
-        let called = hook
-            .call_on_request(&mut instance.store, Resource::new_borrow(0))
-            .await;
+        let (started, latest) = self.arm(&mut instance);
+        let called = bounded(
+            latest,
+            hook.call_on_request(&mut instance.store, Resource::new_borrow(0)),
+        )
+        .await;
         let req = take_request(&mut instance);
         match self.settle(started, called) {
             Ok(action) => {
@@ -591,14 +595,16 @@ impl Plugin {
         let ctx = instance.store.data_mut();
         ctx.request = Some(req);
         ctx.response = Some(resp);
-        let started = self.arm(&mut instance);
-        let called = hook
-            .call_on_response(
+        let (started, latest) = self.arm(&mut instance);
+        let called = bounded(
+            latest,
+            hook.call_on_response(
                 &mut instance.store,
                 Resource::<RequestHandle>::new_borrow(0),
                 Resource::<ResponseHandle>::new_borrow(0),
-            )
-            .await;
+            ),
+        )
+        .await;
         let req = take_request(&mut instance);
         let resp = take_response(&mut instance);
         match self.settle(started, called) {
@@ -625,8 +631,8 @@ impl Plugin {
         let ctx = instance.store.data_mut();
         ctx.upstream = Some(upstream.clone());
         ctx.directory = Some(directory.clone());
-        let started = self.arm(&mut instance);
-        let called = hook.call_on_outcome(&mut instance.store, outcome).await;
+        let (started, latest) = self.arm(&mut instance);
+        let called = bounded(latest, hook.call_on_outcome(&mut instance.store, outcome)).await;
         self.settle(started, called)?;
         self.release(instance);
         Ok(())
@@ -651,15 +657,17 @@ impl Plugin {
         ctx.request = Some(req);
         ctx.upstream = Some(upstream.clone());
         ctx.candidates = Some(candidates.clone());
-        let started = self.arm(&mut instance);
-        let called = hook
-            .call_pick(
+        let (started, latest) = self.arm(&mut instance);
+        let called = bounded(
+            latest,
+            hook.call_pick(
                 &mut instance.store,
                 Resource::<RequestHandle>::new_borrow(0),
                 Resource::<UpstreamHandle>::new_borrow(0),
                 Resource::<CandidatesHandle>::new_borrow(0),
-            )
-            .await;
+            ),
+        )
+        .await;
         let req = take_request(&mut instance);
         match self.settle(started, called) {
             Ok(None) => {
@@ -698,12 +706,48 @@ impl Plugin {
 }
 
 /// Sets the store's deadline `budget` from now and checks it from the next
-/// epoch tick; returns now.
-fn arm(store: &mut Store<Ctx>, budget: Duration) -> Instant {
+/// epoch tick; returns now and the latest the call may end (the deadline
+/// plus what waiting on shared state may add to it).
+fn arm(store: &mut Store<Ctx>, budget: Duration) -> (Instant, Instant) {
     let now = Instant::now();
-    store.data_mut().arm(now + budget);
+    let latest = store.data_mut().arm(now + budget);
     store.set_epoch_deadline(1);
-    now
+    (now, latest)
+}
+
+/// Runs one guest call that must end by `latest`. The epoch check stops a
+/// guest running its own code at its deadline, but a guest waiting in the
+/// host (a WASI sleep or poll, `std::thread::sleep` in Rust, or a long call
+/// waiting for its turn) runs no code to check, so a timer ends the wait at
+/// `latest` instead, as a deadline; the
+/// call's future is dropped, which unwinds the guest, and the caller
+/// discards the instance. The timer is made only once the call first waits:
+/// a call that completes in one go (nearly all of them) never pays for it.
+/// Without a tokio runtime (the first instance is made under `pollster`)
+/// there is no timer and only the epoch check applies.
+async fn bounded<T>(
+    latest: Instant,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    let mut call = std::pin::pin!(call);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut runtime = true;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = call.as_mut().poll(cx) {
+            return Poll::Ready(result);
+        }
+        if timer.is_none() && runtime {
+            runtime = tokio::runtime::Handle::try_current().is_ok();
+            if runtime {
+                timer = Some(Box::pin(tokio::time::sleep_until(latest.into())));
+            }
+        }
+        match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(wasmtime::Trap::Interrupt.into())),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Instantiation budget, at least: a Python guest's first instance takes

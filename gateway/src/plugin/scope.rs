@@ -11,6 +11,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use tokio::sync::Semaphore;
 
 use super::state::StateStore;
 
@@ -25,6 +26,19 @@ pub(crate) struct PluginScope {
     pub(crate) state: StateStore,
     pub(crate) metrics: GuestMetrics,
     pub(crate) stats: CallStats,
+    /// Threads the plugin's long calls may run on at once: a long call (see
+    /// [`super::host::LONG_CALL_TICKS`]) runs only while it holds one of
+    /// these permits, and waits in line for one (its deadline running).
+    pub(crate) long_calls: Arc<Semaphore>,
+}
+
+/// How many of a plugin's long calls may run at once: half the cores, at
+/// least one. Calls that loop until their deadline then take at most half
+/// the machine, however many requests trigger them, and the gateway's other
+/// requests keep the other half; a well-behaved call ends long before it
+/// needs a permit.
+fn long_call_permits() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// The scope of the plugin called `name`, created on first use.
@@ -40,6 +54,7 @@ pub(crate) fn scope_for(name: &str) -> Arc<PluginScope> {
                 state: StateStore::default(),
                 metrics: GuestMetrics::default(),
                 stats: CallStats::default(),
+                long_calls: Arc::new(Semaphore::new(long_call_permits())),
             })
         })
         .clone()
