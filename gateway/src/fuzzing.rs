@@ -732,8 +732,9 @@ fn check_request_host(sent: &Sent) {
     let Ok(text) = value.to_str() else {
         return;
     };
-    let plain = http::uri::Authority::try_from(text)
-        .is_ok_and(|a| a.port().is_none() && !text.contains('@') && !text.ends_with(':'));
+    // No port at all: not even one `Authority::port` refuses (`:80180`).
+    let port_less = !text.contains(':') || (text.starts_with('[') && text.ends_with(']'));
+    let plain = port_less && !text.contains('@') && http::uri::Authority::try_from(text).is_ok();
     if !plain {
         return;
     }
