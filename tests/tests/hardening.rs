@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -1125,6 +1126,7 @@ async fn trickled_head_is_cut_at_header_read_timeout() -> anyhow::Result<()> {
 // HTTP/2 (h2c, prior knowledge), raw frames
 
 const DATA: u8 = 0x0;
+const WINDOW_UPDATE: u8 = 0x8;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
@@ -1142,6 +1144,7 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 
 #[derive(Debug)]
 struct Frame {
@@ -1230,9 +1233,18 @@ struct H2Raw {
 
 impl H2Raw {
     async fn connect(addr: SocketAddr) -> anyhow::Result<H2Raw> {
+        H2Raw::connect_with(addr, &[]).await
+    }
+
+    /// [`H2Raw::connect`], announcing these SETTINGS of the client's.
+    async fn connect_with(addr: SocketAddr, settings: &[(u16, u32)]) -> anyhow::Result<H2Raw> {
         let mut stream = connect(addr).await?;
         let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        let payload: Vec<u8> = settings
+            .iter()
+            .flat_map(|(id, value)| id.to_be_bytes().into_iter().chain(value.to_be_bytes()))
+            .collect();
+        hello.extend(frame(SETTINGS, 0, 0, &payload));
         stream.write_all(&hello).await?;
         let mut conn = H2Raw {
             stream,
@@ -1915,4 +1927,125 @@ async fn h2_body_stalled_short_of_its_content_length_gets_408() -> anyhow::Resul
     }
     drop(feed);
     still_serves_h2(&gateway, &origin).await
+}
+
+/// An origin that answers every request with a `size`-byte body, written
+/// as fast as the gateway reads it, and counts the bytes it got written.
+async fn download_origin(
+    size: usize,
+) -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let written = Arc::new(AtomicUsize::new(0));
+    let counter = written.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if stream.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    counter.fetch_add(n, Ordering::SeqCst);
+                    left -= n;
+                }
+            });
+        }
+    });
+    Ok((addr, written, accept))
+}
+
+/// A client that announces a zero flow-control window and never opens it
+/// cannot make the gateway buffer what it asked for: each stream's upstream
+/// read stops once hyper's send buffer and the sockets are full, so the
+/// origin gets to write only a bounded part of the bodies. Then, with the
+/// window opened, a stream's body flows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_client_with_a_closed_window_cannot_make_the_gateway_buffer() -> anyhow::Result<()> {
+    const BODY: usize = 64 << 20;
+    const STREAMS: u32 = 4;
+    let (origin, written, _accept) = download_origin(BODY).await?;
+    let gateway = Manifest::simple(origin, "", "timeout = \"5s\"")
+        .start()
+        .await?;
+    let mut conn =
+        H2Raw::connect_with(gateway.addr("web"), &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await?;
+    let mut burst = Vec::new();
+    for i in 0..STREAMS {
+        let block = request_block("GET", &format!("/big/{i}"), &[]);
+        burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+    }
+    conn.send(&burst).await?;
+
+    // Response heads arrive (HEADERS need no window); DATA cannot.
+    let mut heads = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while heads < STREAMS {
+        let f = conn
+            .frame(deadline.saturating_duration_since(Instant::now()))
+            .await?
+            .context("closed before the response heads")?;
+        assert_ne!(f.kind, DATA, "DATA past a zero window: {f:?}");
+        assert_ne!(f.kind, GOAWAY, "{f:?}");
+        heads += u32::from(f.kind == HEADERS);
+    }
+    // Give the gateway time to read as much as it would.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let total = written.load(Ordering::SeqCst);
+    let asked = BODY * STREAMS as usize;
+    eprintln!("zero-window client: the origin wrote {total} of {asked} bytes");
+    assert!(
+        total < asked / 4,
+        "the origin wrote {total} of {asked} bytes to a client that reads none: the gateway buffers"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        written.load(Ordering::SeqCst),
+        total,
+        "the upstream reads went on while the client read nothing"
+    );
+
+    // Opening stream 1's window (and the connection's) lets its body flow.
+    let open = (1u32 << 30).to_be_bytes();
+    let mut update = frame(WINDOW_UPDATE, 0, 0, &open);
+    update.extend(frame(WINDOW_UPDATE, 0, 1, &open));
+    conn.send(&update).await?;
+    let mut received = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received < BODY {
+        let f = conn
+            .frame(deadline.saturating_duration_since(Instant::now()))
+            .await?
+            .context("closed before stream 1's body")?;
+        if f.kind == DATA && f.stream == 1 {
+            received += f.payload.len();
+        }
+        if f.kind == DATA {
+            // Keep the connection window open for what stream 1 still needs.
+            let credit = u32::try_from(f.payload.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes();
+            conn.send(&frame(WINDOW_UPDATE, 0, 0, &credit)).await?;
+        }
+    }
+    assert_eq!(
+        received, BODY,
+        "stream 1's whole body, once its window opened"
+    );
+    Ok(())
 }
