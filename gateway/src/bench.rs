@@ -1,5 +1,6 @@
-//! Entry points for the criterion benchmarks (`tests/benches/`): load a
-//! plugin, call its hooks, run a chain — the same code the request path runs.
+//! Entry points for the criterion benchmarks (`tests/benches/`,
+//! `gateway/benches/`): load a plugin, call its hooks, run a chain, look a
+//! request up in a route table — the same code the request path runs.
 //! Not a stable API.
 
 use std::net::IpAddr;
@@ -133,5 +134,40 @@ impl PolicyChain {
     pub async fn on_request(&self, req: Request) -> (Request, bool) {
         let (back, verdict) = self.0.on_request(req.0, |_| None).await;
         (Request(back), matches!(verdict, Verdict::Forward))
+    }
+}
+
+/// A route table built from a manifest the way the gateway builds it
+/// (validation, then most specific first), for the route-matching benchmark.
+#[derive(Debug)]
+pub struct Routes(crate::config::Config);
+
+/// Parses and validates `manifest` (TOML, as a file would hold it) and keeps
+/// its route table.
+pub fn routes(manifest: &str) -> Result<Routes, String> {
+    crate::config::Config::parse(manifest, std::path::Path::new("bench.toml"))
+        .map(Routes)
+        .map_err(|e| e.to_string())
+}
+
+impl Routes {
+    /// The name of the route that serves `req`, found as the proxy finds it:
+    /// the host from the URI or `Host` (lower-cased, without port), then the
+    /// first route in lookup order whose host, path, methods and headers all
+    /// match.
+    pub fn find(&self, req: &http::Request<()>) -> Option<&str> {
+        let host = crate::route::request_host(req.uri(), req.headers());
+        let facts = crate::route::RequestFacts {
+            host: &host,
+            path: req.uri().path(),
+            method: req.method(),
+            headers: req.headers(),
+        };
+        self.0.routes.find(&facts).map(|route| &*route.name)
+    }
+
+    /// How many routes the table holds.
+    pub fn count(&self) -> usize {
+        self.0.routes.routes().len()
     }
 }
