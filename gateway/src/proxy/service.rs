@@ -355,7 +355,8 @@ async fn proxy(
                 tracing::debug!(%error, endpoint = %endpoint.addr, attempt, "upstream request failed");
                 match classify(error).3 {
                     Some(kind) => TryResult::Failed(kind),
-                    // Our own body limit or the client's body failed: not the upstream's fault.
+                    // Our own body limit, the client's body or this host's
+                    // resources failed: not the upstream's fault.
                     None => break (endpoint, sent),
                 }
             }
@@ -593,11 +594,20 @@ fn classify(error: &SendError) -> (StatusCode, &'static str, &'static str, Optio
                 ),
             };
         }
-        if cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            timed_out = true;
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                timed_out = true;
+            }
+            if error.is_connect() && local_shortage(io) {
+                // Out of descriptors or ports here: not the endpoint's
+                // fault, so it must not be marked down for it.
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "local-resources",
+                    "gateway out of connections\n",
+                    None,
+                );
+            }
         }
         source = cause.source();
     }
@@ -621,6 +631,22 @@ fn classify(error: &SendError) -> (StatusCode, &'static str, &'static str, Optio
             Some(ErrorKind::UpstreamError),
         ),
     }
+}
+
+/// Whether a connect failed for want of something on this host (file
+/// descriptors, ephemeral ports, buffers) rather than at the endpoint.
+fn local_shortage(error: &std::io::Error) -> bool {
+    // Linux's numbers for "too many open files" (process, system) and "no
+    // buffer space"; the others have their own kinds.
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::OutOfMemory
+    ) || error
+        .raw_os_error()
+        .is_some_and(|code| [EMFILE, ENFILE, ENOBUFS].contains(&code))
 }
 
 /// Why a request is refused before routing, if it is: more header fields
@@ -755,4 +781,33 @@ fn local(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_not_the_endpoint_s_failure() {
+        let emfile = SendError::Connect(std::io::Error::from_raw_os_error(24));
+        let (status, kind, _, blame) = classify(&emfile);
+        assert_eq!(
+            (status, kind, blame),
+            (StatusCode::SERVICE_UNAVAILABLE, "local-resources", None)
+        );
+
+        let refused = SendError::Connect(std::io::ErrorKind::ConnectionRefused.into());
+        let (status, kind, _, blame) = classify(&refused);
+        assert_eq!(
+            (status, kind, blame),
+            (
+                StatusCode::BAD_GATEWAY,
+                "connect-failed",
+                Some(ErrorKind::ConnectFailed)
+            )
+        );
+
+        let timed_out = SendError::Connect(std::io::ErrorKind::TimedOut.into());
+        assert_eq!(classify(&timed_out).3, Some(ErrorKind::ConnectTimeout));
+    }
 }
