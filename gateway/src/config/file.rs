@@ -157,6 +157,7 @@ pub(crate) struct UpstreamFile {
     pub(crate) retries: Option<RetriesFile>,
     pub(crate) keepalive: Option<usize>,
     pub(crate) keepalive_timeout: Option<DurationText>,
+    pub(crate) max_connections: Option<usize>,
     pub(crate) connect_timeout: Option<DurationText>,
     pub(crate) timeout: Option<DurationText>,
 }

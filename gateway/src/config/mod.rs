@@ -48,6 +48,10 @@ const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default idle upstream connections kept per endpoint.
 const DEFAULT_KEEPALIVE: usize = 32;
+/// Connections per endpoint per worker, busy or idle (HAProxy's server
+/// `maxconn`): enough for any backend's concurrency, few enough that
+/// 10,000 client connections cannot take as many upstream descriptors.
+const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 1024;
 /// Default time an idle upstream connection is kept.
 const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default upstream TCP connect timeout.
@@ -126,6 +130,8 @@ pub(crate) struct UpstreamConfig {
     pub(crate) endpoints: Vec<EndpointConfig>,
     pub(crate) keepalive: usize,
     pub(crate) keepalive_timeout: Duration,
+    /// Most connections a worker keeps open to each endpoint, busy or idle.
+    pub(crate) max_connections: usize,
     pub(crate) connect_timeout: Duration,
     pub(crate) timeout: Duration,
     /// The plugin that picks endpoints; `None` for the core's weighted round-robin.
@@ -155,6 +161,7 @@ impl UpstreamConfig {
             endpoints,
             keepalive,
             keepalive_timeout,
+            max_connections,
             connect_timeout,
             timeout,
             balancer,
@@ -172,6 +179,7 @@ impl UpstreamConfig {
             && *endpoints == other.endpoints
             && *keepalive == other.keepalive
             && *keepalive_timeout == other.keepalive_timeout
+            && *max_connections == other.max_connections
             && *connect_timeout == other.connect_timeout
             && *timeout == other.timeout
             && balancer.as_ref().map(|b| &b.name) == other.balancer.as_ref().map(|b| &b.name)
@@ -712,6 +720,9 @@ impl Validator<'_> {
                 self.problem(format!("{key}.{field}"), "must be greater than zero");
             }
         }
+        if file.max_connections == Some(0) {
+            self.problem(format!("{key}.max_connections"), "must be at least 1");
+        }
         let endpoint_set = Arc::new(EndpointSet::new(name, &endpoints, passive));
         UpstreamConfig {
             name: name.to_string(),
@@ -722,6 +733,9 @@ impl Validator<'_> {
             keepalive_timeout: file
                 .keepalive_timeout
                 .map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
+            max_connections: file
+                .max_connections
+                .unwrap_or(DEFAULT_UPSTREAM_MAX_CONNECTIONS),
             connect_timeout: file
                 .connect_timeout
                 .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
@@ -1313,6 +1327,20 @@ mod tests {
         match = { path_prefix = "/v1/" }
         upstream = "api"
     "#;
+
+    #[test]
+    fn upstream_max_connections_defaults_to_1024_and_must_be_positive() {
+        let config = Config::parse(GOOD, Path::new("t.toml")).expect("valid");
+        assert_eq!(config.upstreams[0].max_connections, 1024);
+        let with = |line: &str| {
+            errors(&GOOD.replace("[upstream.api]", &format!("[upstream.api]\n{line}")))
+        };
+        assert_eq!(
+            with("max_connections = 0"),
+            ["upstream.api.max_connections: must be at least 1"]
+        );
+        assert_eq!(with("max_connections = 8"), Vec::<String>::new());
+    }
 
     #[test]
     fn the_state_backend_is_checked_key_by_key() {

@@ -47,6 +47,7 @@ impl Upstream {
         let pool = Pool::new(
             config.keepalive,
             config.keepalive_timeout,
+            config.max_connections,
             config.connect_timeout,
         );
         Upstream {

@@ -1,6 +1,9 @@
 //! Each worker's keep-alive connections to one upstream's endpoints: a
 //! connection is taken for one exchange and handed back, ready for the
-//! next, when the response body has been read to its end.
+//! next, when the response body has been read to its end. At most
+//! `max_connections` are open to an endpoint at once (busy or idle); a
+//! request that finds none free waits for one (HAProxy's server `maxconn`
+//! queue), within the upstream's `timeout`.
 //!
 //! A worker's requests never cross threads, so the lock around the idle
 //! lists is never contended; taking and returning a connection is a push
@@ -13,6 +16,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,6 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::proxy::body::RequestBody;
@@ -39,21 +44,65 @@ struct Inner {
     max_idle: usize,
     /// How long a connection may stay idle (`keepalive_timeout`).
     idle_timeout: Duration,
+    /// Connections open to one endpoint at most, busy or idle (`max_connections`).
+    max_connections: usize,
     connect_timeout: Duration,
     idle: Mutex<Idle>,
 }
 
-/// The idle connections, by endpoint id, most recently returned last.
+/// The idle connections and the gates, by endpoint id.
 #[derive(Default)]
 struct Idle {
-    by_endpoint: Vec<Vec<IdleConnection>>,
+    by_endpoint: Vec<EndpointIdle>,
     /// Whether the task closing expired connections is running.
     reaping: bool,
 }
 
-struct IdleConnection {
+/// One endpoint's idle connections, most recently returned last, and its gate.
+#[derive(Default)]
+struct EndpointIdle {
+    connections: Vec<IdleConnection>,
+    gate: Arc<Gate>,
+}
+
+/// Counts an endpoint's open connections and wakes a request waiting for
+/// one when a connection comes back or closes.
+#[derive(Default)]
+struct Gate {
+    open: AtomicUsize,
+    freed: Notify,
+}
+
+/// One open connection's place under its endpoint's `max_connections`;
+/// given back when the connection is dropped.
+struct Slot(Arc<Gate>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// A connection ready for an exchange, with its slot (held for its drop).
+struct Connection {
     sender: http1::SendRequest<RequestBody>,
+    _slot: Slot,
+}
+
+struct IdleConnection {
+    connection: Connection,
     since: Instant,
+}
+
+/// What a request gets from the pool.
+enum Lease {
+    /// An idle connection.
+    Idle(Connection),
+    /// Room to open a new one.
+    Open(Slot),
+    /// Every slot taken: wait for a connection to come back or close.
+    Full(Arc<Gate>),
 }
 
 /// Why an exchange with an endpoint failed.
@@ -96,6 +145,7 @@ impl fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("max_idle", &self.inner.max_idle)
             .field("idle_timeout", &self.inner.idle_timeout)
+            .field("max_connections", &self.inner.max_connections)
             .field("connect_timeout", &self.inner.connect_timeout)
             .finish_non_exhaustive()
     }
@@ -103,12 +153,19 @@ impl fmt::Debug for Pool {
 
 impl Pool {
     /// An empty pool keeping at most `max_idle` idle connections per
-    /// endpoint for `idle_timeout` each.
-    pub(crate) fn new(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Self {
+    /// endpoint for `idle_timeout` each, and at most `max_connections` open
+    /// per endpoint.
+    pub(crate) fn new(
+        max_idle: usize,
+        idle_timeout: Duration,
+        max_connections: usize,
+        connect_timeout: Duration,
+    ) -> Self {
         Pool {
             inner: Arc::new(Inner {
                 max_idle,
                 idle_timeout,
+                max_connections: max_connections.max(1),
                 connect_timeout,
                 idle: Mutex::new(Idle::default()),
             }),
@@ -126,30 +183,48 @@ impl Pool {
         addr: SocketAddr,
         mut request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        while let Some(mut sender) = self.checkout(id) {
+        loop {
+            let mut connection = match self.lease(id) {
+                Lease::Idle(connection) => connection,
+                Lease::Open(slot) => {
+                    let sender = self.connect(addr).await?;
+                    let mut connection = Connection {
+                        sender,
+                        _slot: slot,
+                    };
+                    return match connection.sender.send_request(request).await {
+                        Ok(response) => Ok(self.wrap(id, connection, response)),
+                        Err(error) => Err(SendError::Exchange(error)),
+                    };
+                }
+                Lease::Full(gate) => {
+                    // A release before this wait left a permit, so none is
+                    // missed; a spurious wake just looks again.
+                    gate.freed.notified().await;
+                    continue;
+                }
+            };
             // Ready at once unless the connection closed while idle.
-            if sender.ready().await.is_err() {
+            if connection.sender.ready().await.is_err() {
                 continue;
             }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.wrap(id, sender, response)),
+            match connection.sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.wrap(id, connection, response)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
                     None => return Err(SendError::Exchange(error.into_error())),
                 },
             }
         }
-        let mut sender = self.connect(addr).await?;
-        match sender.send_request(request).await {
-            Ok(response) => Ok(self.wrap(id, sender, response)),
-            Err(error) => Err(SendError::Exchange(error)),
-        }
     }
 
     /// How many idle connections the pool holds for endpoint `id`.
     #[cfg(test)]
     fn idle_count(&self, id: u32) -> usize {
-        self.lock().by_endpoint.get(id as usize).map_or(0, Vec::len)
+        self.lock()
+            .by_endpoint
+            .get(id as usize)
+            .map_or(0, |e| e.connections.len())
     }
 
     fn lock(&self) -> MutexGuard<'_, Idle> {
@@ -159,40 +234,71 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently returned idle connection to endpoint `id` that is
-    /// still open and has not expired.
-    fn checkout(&self, id: u32) -> Option<http1::SendRequest<RequestBody>> {
-        let mut idle = self.lock();
-        let list = idle.by_endpoint.get_mut(id as usize)?;
-        let now = Instant::now();
-        while let Some(connection) = list.pop() {
-            if !connection.sender.is_closed()
-                && now.duration_since(connection.since) < self.inner.idle_timeout
-            {
-                return Some(connection.sender);
-            }
-        }
-        None
+    /// How many connections are open to endpoint `id`, busy or idle.
+    #[cfg(test)]
+    fn open_count(&self, id: u32) -> usize {
+        self.lock()
+            .by_endpoint
+            .get(id as usize)
+            .map_or(0, |e| e.gate.open.load(Ordering::Acquire))
     }
 
-    /// Hands a connection back after its exchange ended cleanly.
-    fn checkin(&self, id: u32, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    /// Endpoint `id`'s idle connections and gate, made on first use.
+    fn endpoint(idle: &mut Idle, id: u32) -> &mut EndpointIdle {
+        let index = id as usize;
+        if idle.by_endpoint.len() <= index {
+            idle.by_endpoint
+                .resize_with(index + 1, EndpointIdle::default);
+        }
+        &mut idle.by_endpoint[index]
+    }
+
+    /// The most recently returned idle connection to endpoint `id` that is
+    /// still open and has not expired; else room for a new one; else the
+    /// gate to wait at.
+    fn lease(&self, id: u32) -> Lease {
+        let mut idle = self.lock();
+        let endpoint = Pool::endpoint(&mut idle, id);
+        let now = Instant::now();
+        while let Some(idle) = endpoint.connections.pop() {
+            if !idle.connection.sender.is_closed()
+                && now.duration_since(idle.since) < self.inner.idle_timeout
+            {
+                return Lease::Idle(idle.connection);
+            }
+        }
+        let gate = &endpoint.gate;
+        let mut open = gate.open.load(Ordering::Acquire);
+        while open < self.inner.max_connections {
+            match gate.open.compare_exchange_weak(
+                open,
+                open + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Lease::Open(Slot(gate.clone())),
+                Err(now_open) => open = now_open,
+            }
+        }
+        Lease::Full(gate.clone())
+    }
+
+    /// Hands a connection back after its exchange ended cleanly, waking a
+    /// request waiting for one.
+    fn checkin(&self, id: u32, connection: Connection) {
+        if connection.sender.is_closed() {
             return;
         }
         let mut idle = self.lock();
-        let index = id as usize;
-        if idle.by_endpoint.len() <= index {
-            idle.by_endpoint.resize_with(index + 1, Vec::new);
-        }
-        let list = &mut idle.by_endpoint[index];
-        if list.len() >= self.inner.max_idle {
+        let endpoint = Pool::endpoint(&mut idle, id);
+        if endpoint.connections.len() >= self.inner.max_idle {
             return;
         }
-        list.push(IdleConnection {
-            sender,
+        endpoint.connections.push(IdleConnection {
+            connection,
             since: Instant::now(),
         });
+        endpoint.gate.freed.notify_one();
         if !idle.reaping
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -235,7 +341,7 @@ impl Pool {
     fn wrap(
         &self,
         id: u32,
-        sender: http1::SendRequest<RequestBody>,
+        connection: Connection,
         response: Response<Incoming>,
     ) -> Response<UpstreamBody> {
         let reusable =
@@ -243,7 +349,7 @@ impl Pool {
         let checkin = reusable.then(|| Checkin {
             pool: self.clone(),
             id,
-            sender,
+            connection,
         });
         let (parts, incoming) = response.into_parts();
         let mut body = UpstreamBody {
@@ -267,11 +373,12 @@ async fn reap(pool: Weak<Inner>) {
             let mut idle = inner.idle.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
             let mut oldest: Option<Instant> = None;
-            for list in &mut idle.by_endpoint {
-                list.retain(|c| {
-                    !c.sender.is_closed() && now.duration_since(c.since) < inner.idle_timeout
+            for endpoint in &mut idle.by_endpoint {
+                endpoint.connections.retain(|c| {
+                    !c.connection.sender.is_closed()
+                        && now.duration_since(c.since) < inner.idle_timeout
                 });
-                if let Some(first) = list.first() {
+                if let Some(first) = endpoint.connections.first() {
                     oldest = Some(oldest.map_or(first.since, |o| o.min(first.since)));
                 }
             }
@@ -291,7 +398,7 @@ async fn reap(pool: Weak<Inner>) {
 struct Checkin {
     pool: Pool,
     id: u32,
-    sender: http1::SendRequest<RequestBody>,
+    connection: Connection,
 }
 
 /// An upstream response body; its connection returns to the pool when the
@@ -303,8 +410,13 @@ pub(crate) struct UpstreamBody {
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let Some(Checkin { pool, id, sender }) = self.checkin.take() {
-            pool.checkin(id, sender);
+        if let Some(Checkin {
+            pool,
+            id,
+            connection,
+        }) = self.checkin.take()
+        {
+            pool.checkin(id, connection);
         }
     }
 }
@@ -428,7 +540,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_response_returns_its_connection_for_the_next_request() {
         let (addr, counts) = origin().await;
-        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_secs(1));
+        let pool = Pool::new(8, Duration::from_secs(60), 64, Duration::from_secs(1));
         for _ in 0..5 {
             assert_eq!(read_all(&pool, addr).await, "ok");
         }
@@ -439,7 +551,7 @@ mod tests {
     #[tokio::test]
     async fn an_unread_response_does_not_return_its_connection() {
         let (addr, counts) = origin().await;
-        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_secs(1));
+        let pool = Pool::new(8, Duration::from_secs(60), 64, Duration::from_secs(1));
         let response = pool.send(0, addr, get()).await.expect("send");
         assert_eq!(pool.idle_count(0), 0, "returned before its body was read");
         drop(response);
@@ -451,7 +563,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_close_after_the_keepalive_timeout() {
         let (addr, counts) = origin().await;
-        let pool = Pool::new(8, Duration::from_millis(100), Duration::from_secs(1));
+        let pool = Pool::new(8, Duration::from_millis(100), 64, Duration::from_secs(1));
         read_all(&pool, addr).await;
         assert_eq!(pool.idle_count(0), 1);
         eventually("the idle connection is closed at the origin", || {
@@ -467,7 +579,7 @@ mod tests {
     #[tokio::test]
     async fn at_most_keepalive_connections_stay_idle_per_endpoint() {
         let (addr, counts) = origin().await;
-        let pool = Pool::new(2, Duration::from_secs(60), Duration::from_secs(1));
+        let pool = Pool::new(2, Duration::from_secs(60), 64, Duration::from_secs(1));
         // Three exchanges at once need three connections.
         let responses =
             futures_util::future::join_all((0..3).map(|_| pool.send(0, addr, get()))).await;
@@ -487,9 +599,32 @@ mod tests {
         })
         .await;
 
-        let none = Pool::new(0, Duration::from_secs(60), Duration::from_secs(1));
+        let none = Pool::new(0, Duration::from_secs(60), 64, Duration::from_secs(1));
         read_all(&none, addr).await;
         assert_eq!(none.idle_count(0), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_past_max_connections_wait_for_a_connection() {
+        let (addr, counts) = origin().await;
+        let pool = Pool::new(8, Duration::from_secs(60), 2, Duration::from_secs(1));
+        let bodies = futures_util::future::join_all((0..12).map(|_| read_all(&pool, addr))).await;
+        assert!(bodies.iter().all(|b| b == "ok"), "{bodies:?}");
+        assert_eq!(
+            counts.accepted.load(Ordering::SeqCst),
+            2,
+            "never more than 2 open"
+        );
+        assert_eq!(pool.open_count(0), 2);
+        assert_eq!(pool.idle_count(0), 2);
+
+        // A connection that closes frees its place for a waiting request.
+        let (addr, counts) = closing_origin().await;
+        let pool = Pool::new(8, Duration::from_secs(60), 1, Duration::from_secs(1));
+        let bodies = futures_util::future::join_all((0..5).map(|_| read_all(&pool, addr))).await;
+        assert!(bodies.iter().all(|b| b == "ok"), "{bodies:?}");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 5);
+        assert!(pool.open_count(0) <= 1);
     }
 
     /// An origin that answers one request per connection and then closes it
@@ -523,7 +658,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_upstream_closed_while_idle_costs_no_request() {
         let (addr, counts) = closing_origin().await;
-        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_secs(1));
+        let pool = Pool::new(8, Duration::from_secs(60), 64, Duration::from_secs(1));
         for _ in 0..20 {
             assert_eq!(read_all(&pool, addr).await, "ok");
         }
@@ -535,7 +670,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let closed = listener.local_addr().expect("addr");
         drop(listener);
-        let pool = Pool::new(8, Duration::from_secs(60), Duration::from_millis(200));
+        let pool = Pool::new(8, Duration::from_secs(60), 64, Duration::from_millis(200));
         let error = pool.send(0, closed, get()).await.expect_err("refused");
         assert!(error.is_connect(), "{error}");
         // TEST-NET-1 is not routed: unreachable at once, or no answer to
