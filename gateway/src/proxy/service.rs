@@ -569,6 +569,18 @@ const CLIENT_BODY_FAILURES: [&str; 3] = ["body-too-large", "body-timeout", "clie
 /// limit cut the upload, 408 when the client stalled its body, 400 when its
 /// body failed, 504 for a connect timeout, 502 for every other failure.
 fn classify(error: &SendError) -> (StatusCode, &'static str, &'static str, Option<ErrorKind>) {
+    if let SendError::Connect(io) = error
+        && local_shortage(io)
+    {
+        // Out of descriptors or ports here: not the endpoint's fault, so it
+        // must not be marked down for it.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "local-resources",
+            "gateway out of connections\n",
+            None,
+        );
+    }
     let mut source: Option<&(dyn StdError + 'static)> = Some(error);
     let mut timed_out = false;
     while let Some(cause) = source {
@@ -594,20 +606,11 @@ fn classify(error: &SendError) -> (StatusCode, &'static str, &'static str, Optio
                 ),
             };
         }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                timed_out = true;
-            }
-            if error.is_connect() && local_shortage(io) {
-                // Out of descriptors or ports here: not the endpoint's
-                // fault, so it must not be marked down for it.
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "local-resources",
-                    "gateway out of connections\n",
-                    None,
-                );
-            }
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            timed_out = true;
         }
         source = cause.source();
     }

@@ -267,18 +267,12 @@ impl Pool {
                 return Lease::Idle(idle.connection);
             }
         }
+        // Slots are only taken under this lock; a dropped connection may
+        // give one back meanwhile, which only leaves more room.
         let gate = &endpoint.gate;
-        let mut open = gate.open.load(Ordering::Acquire);
-        while open < self.inner.max_connections {
-            match gate.open.compare_exchange_weak(
-                open,
-                open + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Lease::Open(Slot(gate.clone())),
-                Err(now_open) => open = now_open,
-            }
+        if gate.open.load(Ordering::Acquire) < self.inner.max_connections {
+            gate.open.fetch_add(1, Ordering::AcqRel);
+            return Lease::Open(Slot(gate.clone()));
         }
         Lease::Full(gate.clone())
     }
