@@ -688,6 +688,9 @@ impl Ctx {
     }
 }
 
+// The Redis round trips are boxed: wasmtime boxes every async host call's
+// future, and with the Redis future inline each call (Redis configured or not)
+// would allocate and copy ~1 KiB; boxed, the in-memory path stays small.
 impl state::Host for Ctx {
     async fn counter_add(&mut self, key: String, delta: i64, ttl_ms: u64) -> wasmtime::Result<i64> {
         self.charge()?;
@@ -695,9 +698,7 @@ impl state::Host for Ctx {
             return Ok(self.scope.state.counter_add(&key, delta, ttl_ms));
         };
         let started = Instant::now();
-        let result = shared
-            .counter_add(&self.scope.name, &key, delta, ttl_ms)
-            .await;
+        let result = Box::pin(shared.counter_add(&self.scope.name, &key, delta, ttl_ms)).await;
         self.settle_shared(started.elapsed(), result, |local| {
             local.counter_add(&key, delta, ttl_ms)
         })
@@ -709,7 +710,7 @@ impl state::Host for Ctx {
             return Ok(self.scope.state.get(&key));
         };
         let started = Instant::now();
-        let result = shared.get(&self.scope.name, &key).await;
+        let result = Box::pin(shared.get(&self.scope.name, &key)).await;
         self.settle_shared(started.elapsed(), result, |local| local.get(&key))
     }
 
@@ -730,9 +731,14 @@ impl state::Host for Ctx {
             ));
         };
         let started = Instant::now();
-        let result = shared
-            .compare_and_swap(&self.scope.name, &key, expected.as_deref(), &value, ttl_ms)
-            .await;
+        let result = Box::pin(shared.compare_and_swap(
+            &self.scope.name,
+            &key,
+            expected.as_deref(),
+            &value,
+            ttl_ms,
+        ))
+        .await;
         self.settle_shared(started.elapsed(), result, |local| {
             local.compare_and_swap(&key, expected.as_deref(), &value, ttl_ms)
         })
@@ -745,7 +751,7 @@ impl state::Host for Ctx {
             return Ok(());
         };
         let started = Instant::now();
-        let result = shared.remove(&self.scope.name, &key).await;
+        let result = Box::pin(shared.remove(&self.scope.name, &key)).await;
         self.settle_shared(started.elapsed(), result, |local| local.remove(&key))
     }
 
@@ -765,7 +771,7 @@ impl state::Host for Ctx {
             None => self.scope.state.throttle(&key, rate, cost),
             Some(shared) => {
                 let started = Instant::now();
-                let result = shared.throttle(&self.scope, &key, rate, cost).await;
+                let result = Box::pin(shared.throttle(&self.scope, &key, rate, cost)).await;
                 self.settle_shared(started.elapsed(), result, |local| {
                     local.throttle(&key, rate, cost)
                 })?
