@@ -804,19 +804,21 @@ async fn serve_connection(
 ) {
     let _counted = context.config.connections.open();
     let _ = stream.set_nodelay(true);
+    // The TLS handshake and the TLS connection's state are boxed, so a
+    // plain connection's task (one per client connection) is not sized for them.
     let Some(acceptor) = context.tls.clone() else {
         let conn = ConnectionContext::new(context.clone(), peer, false);
         serve_http(&context, TokioIo::new(stream), conn, closing).await;
         return;
     };
     let handshake = tokio::select! {
-        handshake = tokio::time::timeout(context.config.header_read_timeout, acceptor.accept(stream)) => handshake,
+        handshake = Box::pin(tokio::time::timeout(context.config.header_read_timeout, acceptor.accept(stream))) => handshake,
         () = closing.graceful.cancelled() => return,
     };
     match handshake {
         Ok(Ok(tls)) => {
             let conn = ConnectionContext::new(context.clone(), peer, true);
-            serve_http(&context, TokioIo::new(tls), conn, closing).await;
+            Box::pin(serve_http(&context, TokioIo::new(tls), conn, closing)).await;
         }
         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -83,7 +83,10 @@ pub(crate) async fn handle(
         )
     });
     let mut outcome = Outcome::default();
-    let response = proxy(&conn, req, fields, &mut outcome, started)
+    // Boxed: hyper keeps one slot the size of this future for every
+    // connection, idle or not; the proxy's own state (~7 KiB) is held only
+    // while a request is in flight.
+    let response = Box::pin(proxy(&conn, req, fields, &mut outcome, started))
         .await
         .map(|body| body.with_in_flight(in_flight));
     if let Some(metrics) = outcome.metrics.take() {
@@ -201,7 +204,9 @@ async fn proxy(
         delay: Duration::ZERO,
     };
 
-    // Policies: admit, answer, rewrite, steer.
+    // Policies: admit, answer, rewrite, steer. Plugin calls are boxed here and
+    // below: their futures (~1 KiB each) would otherwise sit inline in every
+    // request's future, plugins or not.
     let chain = &route.chain;
     if !chain.is_empty() {
         let upstream_named = |name: &str| {
@@ -211,7 +216,7 @@ async fn proxy(
                 .find(|u| &*u.name == name)
                 .map(|u| u.endpoints.clone())
         };
-        let (back, verdict) = chain.on_request(request, upstream_named).await;
+        let (back, verdict) = Box::pin(chain.on_request(request, upstream_named)).await;
         request = back;
         match verdict {
             Verdict::Forward => {}
@@ -300,8 +305,7 @@ async fn proxy(
                         Err(ErrorKind::NoEndpoint),
                         Duration::ZERO,
                     );
-                    chain
-                        .on_outcome(balancer, endpoints, &tables.directory, &report)
+                    Box::pin(chain.on_outcome(balancer, endpoints, &tables.directory, &report))
                         .await;
                 }
                 return local(
@@ -376,9 +380,7 @@ async fn proxy(
             };
             let report =
                 policy_outcome(&route.name, &upstream.name, Some(endpoint), status, latency);
-            chain
-                .on_outcome(balancer, endpoints, &tables.directory, &report)
-                .await;
+            Box::pin(chain.on_outcome(balancer, endpoints, &tables.directory, &report)).await;
         }
 
         let Some(retries) = retries.filter(|_| !last_chance) else {
@@ -454,7 +456,7 @@ async fn proxy(
     if let Some(mut head) = forwarded_head.take() {
         head.endpoint = Some(endpoint.addr);
         let (parts, body) = response.into_parts();
-        let (parts, rewritten) = chain.on_response(balancer, head, parts).await;
+        let (parts, rewritten) = Box::pin(chain.on_response(balancer, head, parts)).await;
         if let Err(plugin) = rewritten {
             return policy_failed(plugin, outcome);
         }
@@ -485,7 +487,7 @@ async fn pick_endpoint<'a>(
     if candidates.len() == 0 {
         return (request, Ok(None));
     }
-    let (request, picked) = balancer.pick(request, endpoints, &candidates).await;
+    let (request, picked) = Box::pin(balancer.pick(request, endpoints, &candidates)).await;
     let picked = match picked {
         Ok(position) => position.and_then(|p| endpoints.at(&candidates, p)),
         Err(failure) => match apply_on_error(balancer, "pick", &failure) {
