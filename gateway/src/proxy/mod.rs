@@ -838,7 +838,7 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = conn.activity.clone();
-    let service = service_fn(move |req| service::handle(conn.clone(), req));
+    let service = service_fn(move |req| service::handle(conn.clone(), forward::detach_head(req)));
     let connection = context.http.serve_connection_with_upgrades(io, service);
     let mut connection = std::pin::pin!(connection);
     let mut ending = false;
