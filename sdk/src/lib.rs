@@ -234,6 +234,23 @@ pub mod health {
     pub use crate::wit::health::{Circuit, eject, healthy, readmit, report};
 }
 
+/// What a policy tells the gateway about itself from `init`.
+pub mod hooks {
+    pub use crate::wit::hooks::Hook;
+
+    /// Tells the gateway that, with this config, `hook` does nothing, so it
+    /// is never called: one Wasm call less per request. Call it from
+    /// `init` (later calls are ignored), e.g. a rate limiter that sends no
+    /// quota headers skips [`Hook::OnResponse`]. Outside WebAssembly (a
+    /// policy's native unit tests) there is no gateway and it does nothing.
+    pub fn skip(hook: Hook) {
+        #[cfg(target_arch = "wasm32")]
+        crate::wit::hooks::skip(hook);
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = hook;
+    }
+}
+
 /// Country and continent of an IP address, from the gateway's geo database.
 pub mod geo {
     pub use crate::wit::geo::{Location, lookup};

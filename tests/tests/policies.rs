@@ -262,6 +262,34 @@ async fn the_builtin_headers_policy_rewrites_both_ways() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headers_policy_with_one_direction_skips_the_other_hook() -> anyhow::Result<()> {
+    let origin = Origin::echo("app").await?;
+    let gateway = Manifest::new()
+        .listener("web", "")
+        .upstream("app", &[origin.addr()], "")
+        .raw(
+            r#"
+            [plugin.hdr-out]
+            source = "builtin:headers"
+            config = { response = { set = { "x-served-by" = "sluice" } } }
+            "#,
+        )
+        .route("all", "{}", "app", "policies = [\"hdr-out\"]")
+        .start()
+        .await?;
+    // `init` skipped `on-request`: only `on-response` is ever called.
+    assert_eq!(gateway.plugin("hdr-out").hooks, ["on-response"]);
+    let before = gateway.plugin("hdr-out").stats.calls;
+    for _ in 0..3 {
+        let reply = fetch(gateway.addr("web"), probe_request("x-debug", "1")).await?;
+        assert_eq!(reply.status, 200, "{}", reply.excerpt());
+        assert_eq!(reply.header("x-served-by"), Some("sluice"));
+    }
+    assert_eq!(gateway.plugin("hdr-out").stats.calls - before, 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_are_pooled_unless_configured_per_request() -> anyhow::Result<()> {
     let origin = Origin::echo("app").await?;
     let pooled = unique("probe");

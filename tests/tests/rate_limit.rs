@@ -468,6 +468,40 @@ async fn headers_all_puts_the_quota_on_admitted_responses() -> anyhow::Result<()
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quota_headers_on_admitted_responses_on_response_is_never_called()
+-> anyhow::Result<()> {
+    let origin = Origin::echo("app").await?;
+    let quiet = gateway(
+        "rl-quiet",
+        r#"{ rate = "100r/s", burst = 100, nodelay = true }"#,
+        &origin,
+    )
+    .await?;
+    let all = gateway(
+        "rl-loud",
+        r#"{ rate = "100r/s", burst = 100, nodelay = true, headers = "all" }"#,
+        &origin,
+    )
+    .await?;
+    for (gw, name, hooks, calls_per_request) in [
+        (&quiet, "rl-quiet", vec!["on-request"], 1),
+        (&all, "rl-loud", vec!["on-request", "on-response"], 2),
+    ] {
+        assert_eq!(gw.plugin(name).hooks, hooks, "{name}");
+        let before = gw.plugin(name).stats.calls;
+        let mut client: H1 = H1::connect(gw.addr("web")).await?;
+        assert_eq!(admitted(&mut client, 10, &[]).await?, 10);
+        assert_eq!(
+            gw.plugin(name).stats.calls - before,
+            10 * calls_per_request,
+            "{name}: Wasm calls for 10 requests"
+        );
+        assert_no_errors(gw, name);
+    }
+    Ok(())
+}
+
 /// How far into its current `window` the wall clock is (the host's
 /// windows start at multiples of their length since the Unix epoch).
 fn into_window(window: Duration) -> anyhow::Result<Duration> {

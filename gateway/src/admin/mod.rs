@@ -568,6 +568,8 @@ struct PluginStatus {
     config: serde_json::Value,
     /// Replaced versions kept for rollback, oldest first.
     previous: Vec<String>,
+    /// The hooks the gateway calls: exported and not skipped by `init`.
+    hooks: Vec<&'static str>,
     stats: crate::CallStatsSnapshot,
 }
 
@@ -587,6 +589,7 @@ async fn plugins(control: &Control) -> Vec<PluginStatus> {
                 config: serde_json::from_str(&plugin.spec.config)
                     .unwrap_or(serde_json::Value::Null),
                 stats: report.stats,
+                hooks: report.hooks,
                 name,
             })
         })

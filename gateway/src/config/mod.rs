@@ -1113,10 +1113,7 @@ impl Validator<'_> {
                 );
                 continue;
             };
-            if !(plugin.has_request_hook()
-                || plugin.has_response_hook()
-                || plugin.has_outcome_hook())
-            {
+            if !plugin.has_policy_hooks() {
                 self.problem(
                     at,
                     format!(

@@ -18,7 +18,9 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::sluice::policy::{clock, geo, health, log, metrics, random, state, types};
+use super::bindings::sluice::policy::{
+    clock, geo, health, hooks, log, metrics, random, state, types,
+};
 use super::geo::GeoDatabase;
 use super::scope::PluginScope;
 use super::shared_state::{RedisStore, StateError};
@@ -159,6 +161,9 @@ pub(crate) struct Ctx {
     pub(crate) directory: Option<Directory>,
     /// The `[geo] database`, when the manifest names one.
     geo: Option<Arc<GeoDatabase>>,
+    /// The hooks the guest said it does nothing in (`hooks.skip`); read
+    /// after the first instance's `init`.
+    pub(crate) skipped: SkippedHooks,
     /// The shared (Redis) store behind `state`, when the plugin uses one.
     shared: Option<Arc<RedisStore>>,
     /// What a failed shared-state call means: answer from in-process state
@@ -204,6 +209,7 @@ impl Ctx {
             candidates: None,
             directory: None,
             geo: spec.geo.clone(),
+            skipped: SkippedHooks::default(),
             shared: spec.state.clone(),
             on_error: spec.on_error,
         }
@@ -853,6 +859,43 @@ impl metrics::Host for Ctx {
     fn gauge_set(&mut self, name: String, value: i64) -> wasmtime::Result<()> {
         self.charge()?;
         self.scope.metrics.gauge_set(&name, value);
+        Ok(())
+    }
+}
+
+/// Hooks a plugin version skips: a bit per [`hooks::Hook`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SkippedHooks(u8);
+
+impl SkippedHooks {
+    fn bit(hook: hooks::Hook) -> u8 {
+        match hook {
+            hooks::Hook::OnRequest => 1,
+            hooks::Hook::OnResponse => 2,
+            hooks::Hook::OnOutcome => 4,
+        }
+    }
+
+    /// Whether `hook` is skipped.
+    pub(crate) fn contains(self, hook: hooks::Hook) -> bool {
+        self.0 & SkippedHooks::bit(hook) != 0
+    }
+
+    /// The raw bits, to keep in an atomic.
+    pub(crate) fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// From [`SkippedHooks::bits`].
+    pub(crate) fn from_bits(bits: u8) -> SkippedHooks {
+        SkippedHooks(bits)
+    }
+}
+
+impl hooks::Host for Ctx {
+    fn skip(&mut self, hook: hooks::Hook) -> wasmtime::Result<()> {
+        self.charge()?;
+        self.skipped.0 |= SkippedHooks::bit(hook);
         Ok(())
     }
 }

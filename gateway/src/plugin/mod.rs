@@ -30,6 +30,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -42,8 +43,12 @@ use crate::upstream::{CandidateSet, Directory, EndpointSet};
 use bindings::exports::sluice::policy::{
     balance, configure, outcome_hook, request_hook, response_hook,
 };
+use bindings::sluice::policy::hooks;
 pub(crate) use bindings::sluice::policy::types::{Action, ErrorKind, Outcome, Reply};
-use host::{CandidatesHandle, Ctx, RequestHandle, RequestState, ResponseHandle, UpstreamHandle};
+use host::{
+    CandidatesHandle, Ctx, RequestHandle, RequestState, ResponseHandle, SkippedHooks,
+    UpstreamHandle,
+};
 pub use scope::CallStatsSnapshot;
 pub(crate) use scope::CallTotals;
 use scope::{Failure, PluginScope};
@@ -63,6 +68,9 @@ pub struct PluginReport {
     pub counters: std::collections::BTreeMap<String, u64>,
     /// Gauges the plugin reported through the `metrics` import.
     pub gauges: std::collections::BTreeMap<String, i64>,
+    /// The hooks the gateway calls, by their WIT names (`on-request`,
+    /// `on-response`, `on-outcome`, `pick`): exported and not skipped by `init`.
+    pub hooks: Vec<&'static str>,
 }
 
 /// Where a plugin's component comes from.
@@ -238,6 +246,8 @@ pub(crate) struct Plugin {
     engine: wasmtime::Engine,
     pre: InstancePre<Ctx>,
     exports: Exports,
+    /// The hooks the first instance's `init` skipped ([`host::SkippedHooks`] bits).
+    skipped: AtomicU8,
     pool: ArrayQueue<Instance>,
     scope: Arc<PluginScope>,
 }
@@ -282,6 +292,7 @@ impl Plugin {
             engine: running.engine.clone(),
             pre: running.pre.clone(),
             exports: running.exports.clone(),
+            skipped: AtomicU8::new(0),
         });
         plugin.first_instance()?;
         Ok(plugin)
@@ -304,6 +315,11 @@ impl Plugin {
             InstantiateError::Init(message) => PluginError::Init(message),
             InstantiateError::Other(message) => PluginError::Instantiate(message),
         })?;
+        let skipped = first.store.data().skipped;
+        self.skipped.store(skipped.bits(), Ordering::Relaxed);
+        if skipped != SkippedHooks::default() {
+            tracing::info!(plugin = %self.name, hooks = ?self.hooks(), "the plugin skips the hooks its config leaves idle");
+        }
         self.release(first);
         Ok(())
     }
@@ -344,29 +360,49 @@ impl Plugin {
             engine: runtime.engine.clone(),
             pre,
             exports,
+            skipped: AtomicU8::new(0),
         });
         plugin.first_instance()?;
         Ok(plugin)
     }
 
-    /// Whether the plugin exports a hook a route's `policies` can run.
+    /// Whether the plugin exports a hook a route's `policies` can run
+    /// (skipped or not: a policy that skips every hook is valid, and idle).
     pub(crate) fn has_policy_hooks(&self) -> bool {
-        self.has_request_hook() || self.has_response_hook() || self.has_outcome_hook()
+        let e = &self.exports;
+        e.request.is_some() || e.response.is_some() || e.outcome.is_some()
     }
 
-    /// Whether the plugin exports `on-request`.
+    fn skips(&self, hook: hooks::Hook) -> bool {
+        SkippedHooks::from_bits(self.skipped.load(Ordering::Relaxed)).contains(hook)
+    }
+
+    /// Whether the gateway calls the plugin's `on-request`: exported and not skipped.
     pub(crate) fn has_request_hook(&self) -> bool {
-        self.exports.request.is_some()
+        self.exports.request.is_some() && !self.skips(hooks::Hook::OnRequest)
     }
 
-    /// Whether the plugin exports `on-response`.
+    /// Whether the gateway calls the plugin's `on-response`: exported and not skipped.
     pub(crate) fn has_response_hook(&self) -> bool {
-        self.exports.response.is_some()
+        self.exports.response.is_some() && !self.skips(hooks::Hook::OnResponse)
     }
 
-    /// Whether the plugin exports `on-outcome`.
+    /// Whether the gateway calls the plugin's `on-outcome`: exported and not skipped.
     pub(crate) fn has_outcome_hook(&self) -> bool {
-        self.exports.outcome.is_some()
+        self.exports.outcome.is_some() && !self.skips(hooks::Hook::OnOutcome)
+    }
+
+    /// The hooks the gateway calls, by their WIT names.
+    pub(crate) fn hooks(&self) -> Vec<&'static str> {
+        [
+            (self.has_request_hook(), "on-request"),
+            (self.has_response_hook(), "on-response"),
+            (self.has_outcome_hook(), "on-outcome"),
+            (self.is_balancer(), "pick"),
+        ]
+        .into_iter()
+        .filter_map(|(called, name)| called.then_some(name))
+        .collect()
     }
 
     /// Whether the plugin exports `pick` (it can be an upstream's balancer).
@@ -388,6 +424,7 @@ impl Plugin {
             stats: self.scope.stats.snapshot(),
             counters: self.scope.metrics.counters(),
             gauges: self.scope.metrics.gauges(),
+            hooks: self.hooks(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! names the offending key, e.g. `request.set."bad name": invalid header name`.
 
 use serde_json::{Map, Value};
+use sluice_sdk::hooks::Hook;
 use sluice_sdk::{Action, Policy, Request, Response, log};
 
 /// What to do to the headers of one direction.
@@ -19,6 +20,12 @@ struct Edits {
     remove: Vec<String>,
     set: Vec<(String, String)>,
     add: Vec<(String, String)>,
+}
+
+impl Edits {
+    fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
 }
 
 /// The policy: the edits for requests and for responses.
@@ -30,7 +37,14 @@ pub struct Headers {
 
 impl Policy for Headers {
     fn init(config: &str) -> Result<Self, String> {
-        parse_config(config)
+        let headers = parse_config(config)?;
+        if headers.request.is_empty() {
+            sluice_sdk::hooks::skip(Hook::OnRequest);
+        }
+        if headers.response.is_empty() {
+            sluice_sdk::hooks::skip(Hook::OnResponse);
+        }
+        Ok(headers)
     }
 
     fn on_request(&self, req: &Request) -> Action {

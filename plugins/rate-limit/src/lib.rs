@@ -28,6 +28,7 @@ pub mod window;
 use std::cell::RefCell;
 use std::net::IpAddr;
 
+use sluice_sdk::hooks::Hook;
 use sluice_sdk::net::IpRanges;
 use sluice_sdk::state::ThrottleResult;
 use sluice_sdk::{Action, Policy, Reply, Request, Response};
@@ -56,8 +57,13 @@ impl RateLimit {
 
 impl Policy for RateLimit {
     fn init(config: &str) -> Result<Self, String> {
+        let config = Config::parse(config)?;
+        if config.quota_headers != QuotaHeaders::All {
+            // Quota headers on admitted responses are all `on_response` adds.
+            sluice_sdk::hooks::skip(Hook::OnResponse);
+        }
         Ok(RateLimit {
-            config: Config::parse(config)?,
+            config,
             key: RefCell::new(String::with_capacity(96)),
         })
     }
