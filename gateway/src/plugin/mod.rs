@@ -436,6 +436,7 @@ impl Plugin {
         // spent; while it remains, yield to other requests on this thread
         // (and, for a long call, hold one of the plugin's long-call permits).
         store.epoch_deadline_callback(|mut ctx| {
+            engine::note_guest_running();
             let ctx = ctx.data_mut();
             if Instant::now() >= ctx.deadline {
                 Ok(UpdateDeadline::Interrupt)
@@ -749,6 +750,7 @@ fn arm(store: &mut Store<Ctx>, budget: Duration) -> (Instant, Instant) {
     let now = Instant::now();
     let latest = store.data_mut().arm(now + budget);
     store.set_epoch_deadline(1);
+    engine::note_guest_running();
     (now, latest)
 }
 
