@@ -63,6 +63,10 @@ struct Idle {
 struct EndpointIdle {
     connections: Vec<IdleConnection>,
     gate: Arc<Gate>,
+    /// Requests waiting at the gate. While any wait, a newcomer queues
+    /// behind them rather than take the connection that was handed back
+    /// for the one woken: first come, first served.
+    waiting: usize,
 }
 
 /// Counts an endpoint's open connections and wakes a request waiting for
@@ -93,6 +97,30 @@ struct Connection {
 struct IdleConnection {
     connection: Connection,
     since: Instant,
+}
+
+/// A request's place among those waiting for a connection to endpoint
+/// `id`; leaving the queue without a connection (the request given up)
+/// gives the place back.
+struct Queued<'a> {
+    pool: &'a Pool,
+    id: u32,
+    /// Whether the request is counted in the endpoint's `waiting`.
+    counted: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            let mut idle = self.pool.lock();
+            let endpoint = Pool::endpoint(&mut idle, self.id);
+            endpoint.waiting -= 1;
+            // A wake meant for this request must not be lost with it.
+            if endpoint.waiting > 0 {
+                endpoint.gate.freed.notify_one();
+            }
+        }
+    }
 }
 
 /// What a request gets from the pool.
@@ -183,8 +211,13 @@ impl Pool {
         addr: SocketAddr,
         mut request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let mut queued = Queued {
+            pool: self,
+            id,
+            counted: false,
+        };
         loop {
-            let mut connection = match self.lease(id) {
+            let mut connection = match self.lease(id, &mut queued.counted) {
                 Lease::Idle(connection) => connection,
                 Lease::Open(slot) => {
                     let sender = self.connect(addr).await?;
@@ -255,26 +288,49 @@ impl Pool {
 
     /// The most recently returned idle connection to endpoint `id` that is
     /// still open and has not expired; else room for a new one; else the
-    /// gate to wait at.
-    fn lease(&self, id: u32) -> Lease {
+    /// gate to wait at. `queued` says whether the caller is counted among
+    /// the waiters: a caller that is not queues behind any that are; a
+    /// waiter served stops being counted.
+    fn lease(&self, id: u32, queued: &mut bool) -> Lease {
         let mut idle = self.lock();
         let endpoint = Pool::endpoint(&mut idle, id);
+        if !*queued && endpoint.waiting > 0 {
+            endpoint.waiting += 1;
+            *queued = true;
+            return Lease::Full(endpoint.gate.clone());
+        }
         let now = Instant::now();
+        let mut lease = None;
         while let Some(idle) = endpoint.connections.pop() {
             if !idle.connection.sender.is_closed()
                 && now.duration_since(idle.since) < self.inner.idle_timeout
             {
-                return Lease::Idle(idle.connection);
+                lease = Some(Lease::Idle(idle.connection));
+                break;
             }
         }
         // Slots are only taken under this lock; a dropped connection may
         // give one back meanwhile, which only leaves more room.
         let gate = &endpoint.gate;
-        if gate.open.load(Ordering::Acquire) < self.inner.max_connections {
+        if lease.is_none() && gate.open.load(Ordering::Acquire) < self.inner.max_connections {
             gate.open.fetch_add(1, Ordering::AcqRel);
-            return Lease::Open(Slot(gate.clone()));
+            lease = Some(Lease::Open(Slot(gate.clone())));
         }
-        Lease::Full(gate.clone())
+        match lease {
+            Some(lease) => {
+                if std::mem::take(queued) {
+                    endpoint.waiting -= 1;
+                }
+                lease
+            }
+            None => {
+                if !*queued {
+                    endpoint.waiting += 1;
+                    *queued = true;
+                }
+                Lease::Full(gate.clone())
+            }
+        }
     }
 
     /// Hands a connection back after its exchange ended cleanly, waking a
@@ -619,6 +675,36 @@ mod tests {
         assert!(bodies.iter().all(|b| b == "ok"), "{bodies:?}");
         assert_eq!(counts.accepted.load(Ordering::SeqCst), 5);
         assert!(pool.open_count(0) <= 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_arriving_while_others_wait_queues_behind_them() {
+        let pool = Pool::new(8, Duration::from_secs(60), 1, Duration::from_secs(1));
+        let (mut first, mut second, mut newcomer) = (false, false, false);
+        let Lease::Open(slot) = pool.lease(0, &mut first) else {
+            panic!("the first request gets room")
+        };
+        assert!(matches!(pool.lease(0, &mut second), Lease::Full(_)));
+        assert!(second, "the second request is counted as waiting");
+
+        // Room comes back; a newcomer must not take it from the waiter.
+        drop(slot);
+        assert!(matches!(pool.lease(0, &mut newcomer), Lease::Full(_)));
+        assert!(newcomer, "the newcomer queues behind the waiter");
+        assert!(matches!(pool.lease(0, &mut second), Lease::Open(_)));
+        assert!(!second, "a waiter served leaves the queue");
+
+        // A waiter that gives up leaves the queue: later requests are not held behind it.
+        let gave_up = Queued {
+            pool: &pool,
+            id: 0,
+            counted: newcomer,
+        };
+        drop(gave_up);
+        assert_eq!(pool.lock().by_endpoint[0].waiting, 0);
+        let mut later = false;
+        assert!(matches!(pool.lease(0, &mut later), Lease::Open(_)));
+        assert!(!later);
     }
 
     /// An origin that answers one request per connection and then closes it
