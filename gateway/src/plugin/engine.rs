@@ -28,10 +28,11 @@ const IDLE_REST: Duration = Duration::from_millis(10);
 
 /// Whether guest code has run since the ticker last looked.
 static GUEST_RAN: AtomicBool = AtomicBool::new(false);
-/// The ticker thread, to wake it from its rest: the process's engine's
-/// (`runtime()`). A second engine (the benches' pooling one) has its own
-/// ticker, which shares the flag and so may rest up to [`IDLE_REST`] while
-/// its calls run: their deadlines are checked that much later.
+/// The ticker thread calls wake from its rest: the first engine's (in the
+/// gateway, the only one, `runtime()`'s). A second engine (the benches'
+/// pooling one) has its own ticker, which shares the flag and is never
+/// woken, so it may rest up to [`IDLE_REST`] while its calls run: their
+/// deadlines are checked that much later.
 static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
 
 /// Notes that guest code is running, so the epoch keeps advancing every
@@ -123,7 +124,7 @@ impl Runtime {
                 }
             })
             .map_err(|e| wasmtime::format_err!("cannot start the epoch thread: {e}"))?;
-        // One engine per process (`runtime()`), so one ticker.
+        // The first engine's ticker is the one calls wake (see `TICKER`).
         let _ = TICKER.set(thread.thread().clone());
 
         Ok(Runtime {

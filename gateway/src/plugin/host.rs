@@ -880,16 +880,6 @@ impl SkippedHooks {
     pub(crate) fn contains(self, hook: hooks::Hook) -> bool {
         self.0 & SkippedHooks::bit(hook) != 0
     }
-
-    /// The raw bits, to keep in an atomic.
-    pub(crate) fn bits(self) -> u8 {
-        self.0
-    }
-
-    /// From [`SkippedHooks::bits`].
-    pub(crate) fn from_bits(bits: u8) -> SkippedHooks {
-        SkippedHooks(bits)
-    }
 }
 
 impl hooks::Host for Ctx {

@@ -29,8 +29,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -246,8 +245,8 @@ pub(crate) struct Plugin {
     engine: wasmtime::Engine,
     pre: InstancePre<Ctx>,
     exports: Exports,
-    /// The hooks the first instance's `init` skipped ([`host::SkippedHooks`] bits).
-    skipped: AtomicU8,
+    /// The hooks the first instance's `init` skipped; set once it has run.
+    skipped: OnceLock<SkippedHooks>,
     pool: ArrayQueue<Instance>,
     scope: Arc<PluginScope>,
 }
@@ -292,7 +291,7 @@ impl Plugin {
             engine: running.engine.clone(),
             pre: running.pre.clone(),
             exports: running.exports.clone(),
-            skipped: AtomicU8::new(0),
+            skipped: OnceLock::new(),
         });
         plugin.first_instance()?;
         Ok(plugin)
@@ -316,7 +315,7 @@ impl Plugin {
             InstantiateError::Other(message) => PluginError::Instantiate(message),
         })?;
         let skipped = first.store.data().skipped;
-        self.skipped.store(skipped.bits(), Ordering::Relaxed);
+        let _ = self.skipped.set(skipped);
         if skipped != SkippedHooks::default() {
             tracing::info!(plugin = %self.name, hooks = ?self.hooks(), "the plugin skips the hooks its config leaves idle");
         }
@@ -360,7 +359,7 @@ impl Plugin {
             engine: runtime.engine.clone(),
             pre,
             exports,
-            skipped: AtomicU8::new(0),
+            skipped: OnceLock::new(),
         });
         plugin.first_instance()?;
         Ok(plugin)
@@ -374,7 +373,7 @@ impl Plugin {
     }
 
     fn skips(&self, hook: hooks::Hook) -> bool {
-        SkippedHooks::from_bits(self.skipped.load(Ordering::Relaxed)).contains(hook)
+        self.skipped.get().is_some_and(|s| s.contains(hook))
     }
 
     /// Whether the gateway calls the plugin's `on-request`: exported and not skipped.
