@@ -345,12 +345,8 @@ async fn proxy(
             .min(deadline.saturating_duration_since(Instant::now()));
         let forwarding = Instant::now();
         let in_flight = endpoint.begin();
-        let sent = upstream_timeout(
-            try_timeout,
-            client_wait.as_deref(),
-            upstream.pool.send(endpoint.id, endpoint.addr, upstream_req),
-        )
-        .await;
+        let exchange = std::pin::pin!(upstream.pool.send(endpoint.id, endpoint.addr, upstream_req));
+        let sent = upstream_timeout(try_timeout, client_wait.as_deref(), exchange).await;
         drop(in_flight);
         let latency = forwarding.elapsed();
         let result = match &sent {
