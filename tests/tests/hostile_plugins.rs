@@ -829,7 +829,7 @@ fn median(values: &[f64]) -> f64 {
 /// Measured on two cores also running other builds: 51-80% and 25-52%
 /// (load 3-4), 42-47% and 14-24% (load 5). A plugin's long calls share half
 /// the cores (one thread here) and every call yields to other requests
-/// every 250 µs. Without the share, looping and allocating calls take every
+/// at every epoch tick (1 ms). Without the share, looping and allocating calls take every
 /// thread: 29-34% and 9-17% (load 3-4), which the bounds catch only about
 /// half the time; they are set for the load they must survive. Without the
 /// yields the other route gets next to nothing, which they always catch.

@@ -36,7 +36,7 @@ pub(crate) const MAX_DELAY: Duration = Duration::from_secs(60);
 /// ([`PluginScope::long_calls`]), in turns of [`TURN_TICKS`]. A tick counts
 /// only when the guest is running as it passes (time spent yielded does
 /// not), so a call of a few microseconds is almost never long, and a call
-/// that spins is long within about 500 µs.
+/// that spins is long within about two ticks (2 ms).
 pub(crate) const LONG_CALL_TICKS: u32 = 2;
 
 /// How many ticks a long call runs with a permit before it gives it back to
@@ -49,7 +49,9 @@ pub(crate) const LONG_CALL_TICKS: u32 = 2;
 /// 45-71% with 2 ms turns and 32-72% with turns of one tick (two busy
 /// cores). Longer turns make a call that only just became long (or a plugin
 /// with a long deadline) wait longer for its turn.
-const TURN_TICKS: u32 = 40;
+const TURN_TICKS: u32 = (TURN.as_micros() / super::engine::EPOCH_TICK.as_micros()) as u32;
+/// A long call's turn (see [`TURN_TICKS`]).
+const TURN: Duration = Duration::from_millis(10);
 
 /// A hook call made more host calls than its plugin's `max_host_calls`: the
 /// host stops the call there (as a trap would) and discards the instance.
