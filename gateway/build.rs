@@ -114,11 +114,12 @@ pub fn build_guests(guests: &[Guest]) -> Vec<PathBuf> {
         // Its own target directory: the outer build holds the lock on its own.
         .arg("--target-dir")
         .arg(&target_dir)
-        // Small components: no debug info, no symbol names.
+        // Small components: no debug info. Function names stay (the wasm
+        // name section), so `perf` can name guest code (SLUICE_WASM_PROFILER).
         .arg("--config")
         .arg("profile.release.debug=false")
         .arg("--config")
-        .arg("profile.release.strip=true")
+        .arg("profile.release.strip=\"debuginfo\"")
         .current_dir(&root);
     for package in &packages {
         command.arg("--package").arg(package);

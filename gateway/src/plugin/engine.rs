@@ -63,6 +63,23 @@ pub(crate) struct Runtime {
     engine_key: String,
 }
 
+/// The environment variable that makes compiled guest code visible to
+/// `perf`: `SLUICE_WASM_PROFILER=perfmap` writes `/tmp/perf-<pid>.map`, so
+/// `perf report` names the guest functions (the builtin plugins keep their
+/// function names for this).
+pub(crate) const PROFILER_ENV: &str = "SLUICE_WASM_PROFILER";
+
+/// The profiler [`PROFILER_ENV`] asks for: none when unset or empty.
+fn profiler_from_env() -> wasmtime::Result<wasmtime::ProfilingStrategy> {
+    match std::env::var(PROFILER_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("none") => Ok(wasmtime::ProfilingStrategy::None),
+        Ok("perfmap") => Ok(wasmtime::ProfilingStrategy::PerfMap),
+        Ok(other) => Err(wasmtime::format_err!(
+            "{PROFILER_ENV}={other:?}: unknown profiler (perfmap or none)"
+        )),
+    }
+}
+
 static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
 
 /// The process's plugin runtime, created (with its ticker thread) on first use.
@@ -83,6 +100,7 @@ impl Runtime {
         // Plain calls, no component-model-async machinery: ~0.2 µs per call
         // instead of ~0.5 µs (see FACTS.md).
         config.concurrency_support(false);
+        config.profiler(profiler_from_env()?);
         if pooling {
             let mut pool = wasmtime::PoolingAllocationConfig::new();
             pool.total_component_instances(1_000)
