@@ -559,3 +559,40 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
         "the demo's active checks run against its echo backends: {api}"
     );
 }
+
+/// `SLUICE_WASM_PROFILER` takes `perfmap` (or `none`); anything else is
+/// refused by name when the first plugin is loaded, not silently ignored.
+#[test]
+fn an_unknown_wasm_profiler_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = format!(
+        "{GOOD}\n[upstream.rr]\nendpoints = [\"127.0.0.1:9101\"]\nbalancer = \"round-robin\"\n"
+    );
+    let path = write_manifest(dir.path(), "profiled.toml", &manifest);
+    let run = |value: &str| {
+        let child = Command::new(SLUICE)
+            .args(["check", "-c"])
+            .arg(&path)
+            .env("SLUICE_WASM_PROFILER", value)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        // perf's map of the compiled code, which `perfmap` writes.
+        let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run("perfmap");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = run("bogus");
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("SLUICE_WASM_PROFILER=\"bogus\": unknown profiler (perfmap or none)"),
+        "{stderr}"
+    );
+}
