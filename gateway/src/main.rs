@@ -2,7 +2,7 @@
 
 /// jemalloc instead of the system allocator. With glibc's, a gateway that
 /// held 10,000 connections kept most of that memory after they closed, and
-/// each later burst grew it further (267 → 328 → 345 MiB over three c10k
+/// each later burst grew it further (261 → 321 → 337 MiB over three c10k
 /// rounds); jemalloc hands unused pages back (see [`malloc_conf`]) and stays
 /// at the first burst's peak. BENCHMARKS.md has the figures.
 ///
