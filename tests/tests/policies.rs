@@ -27,10 +27,20 @@ fn probe_table(name: &str, extra: &str) -> String {
 
 /// One origin, one route through the probe called `name`.
 async fn probe_gateway(origin: &Origin, name: &str, extra: &str) -> anyhow::Result<TestGateway> {
+    policy_gateway(origin, name, &probe_table(name, extra)).await
+}
+
+/// One origin, one route through policy `name`, declared by `plugin_table`
+/// (its `[plugin.<name>]` table).
+async fn policy_gateway(
+    origin: &Origin,
+    name: &str,
+    plugin_table: &str,
+) -> anyhow::Result<TestGateway> {
     Manifest::new()
         .listener("web", "")
         .upstream("app", &[origin.addr()], "")
-        .raw(&probe_table(name, extra))
+        .raw(plugin_table)
         .route("all", "{}", "app", &format!("policies = [\"{name}\"]"))
         .start()
         .await
@@ -235,19 +245,16 @@ async fn the_builtin_round_robin_balancer_rotates() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_builtin_headers_policy_rewrites_both_ways() -> anyhow::Result<()> {
     let origin = Origin::echo("app").await?;
-    let gateway = Manifest::new()
-        .listener("web", "")
-        .upstream("app", &[origin.addr()], "")
-        .raw(
-            r#"
-            [plugin.hdr]
-            source = "builtin:headers"
-            config = { request = { set = { "x-env" = "prod" }, remove = ["x-debug"] }, response = { add = { "x-served-by" = "sluice" }, remove = ["x-origin"] } }
-            "#,
-        )
-        .route("all", "{}", "app", "policies = [\"hdr\"]")
-        .start()
-        .await?;
+    let gateway = policy_gateway(
+        &origin,
+        "hdr",
+        r#"
+        [plugin.hdr]
+        source = "builtin:headers"
+        config = { request = { set = { "x-env" = "prod" }, remove = ["x-debug"] }, response = { add = { "x-served-by" = "sluice" }, remove = ["x-origin"] } }
+        "#,
+    )
+    .await?;
     let reply = fetch(gateway.addr("web"), probe_request("x-debug", "1")).await?;
     assert_eq!(reply.status, 200, "{}", reply.excerpt());
     let seen = origin.last_request().expect("the origin saw the request");
@@ -264,19 +271,16 @@ async fn the_builtin_headers_policy_rewrites_both_ways() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_headers_policy_with_one_direction_skips_the_other_hook() -> anyhow::Result<()> {
     let origin = Origin::echo("app").await?;
-    let gateway = Manifest::new()
-        .listener("web", "")
-        .upstream("app", &[origin.addr()], "")
-        .raw(
-            r#"
-            [plugin.hdr-out]
-            source = "builtin:headers"
-            config = { response = { set = { "x-served-by" = "sluice" } } }
-            "#,
-        )
-        .route("all", "{}", "app", "policies = [\"hdr-out\"]")
-        .start()
-        .await?;
+    let gateway = policy_gateway(
+        &origin,
+        "hdr-out",
+        r#"
+        [plugin.hdr-out]
+        source = "builtin:headers"
+        config = { response = { set = { "x-served-by" = "sluice" } } }
+        "#,
+    )
+    .await?;
     // `init` skipped `on-request`: only `on-response` is ever called.
     assert_eq!(gateway.plugin("hdr-out").hooks, ["on-response"]);
     let before = gateway.plugin("hdr-out").stats.calls;
