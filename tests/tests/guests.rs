@@ -1,7 +1,8 @@
 //! The same small policy — answer 403 to requests carrying `x-block`, count
 //! the denials in a metric — written in Rust, Python and JavaScript, built
 //! with each language's real toolchain, loaded by the gateway and run on real
-//! requests.
+//! requests. And a response policy in Python and JavaScript whose config can
+//! turn its `on-response` off through `hooks.skip` (`tests/guests/stamp-*`).
 //!
 //! Without componentize-py or the JavaScript tools (`npm ci --prefix
 //! sdk/js`) the Python and JavaScript cases are skipped with a message;
@@ -91,6 +92,59 @@ async fn python_block_policy_answers_real_requests() -> anyhow::Result<()> {
 async fn javascript_block_policy_answers_real_requests() -> anyhow::Result<()> {
     let source = repo().join("examples/policies/block-js/policy.js");
     both_configs(js_component(&source, "request-policy")?).await
+}
+
+/// Runs the stamp policy at `wasm` (which sets `x-stamp: {stamp}` on each
+/// response) with its default config and with `{ stamp = false }`, whose
+/// `init` skips `on-response`: then the gateway never calls that hook.
+async fn stamp_policy_skips_on_response(wasm: Option<PathBuf>, stamp: &str) -> anyhow::Result<()> {
+    let Some(wasm) = wasm else {
+        return Ok(());
+    };
+    let origin = Origin::echo("app").await?;
+    for (config, hooks, stamped) in [
+        ("{}", vec!["on-request", "on-response"], Some(stamp)),
+        ("{ stamp = false }", vec!["on-request"], None),
+    ] {
+        let gateway = Manifest::new()
+            .listener("web", "")
+            .upstream("app", &[origin.addr()], "")
+            .raw(&format!(
+                "[plugin.stamp]\nsource = \"{}\"\nconfig = {config}\n",
+                wasm.display()
+            ))
+            .route("all", "{}", "app", "policies = [\"stamp\"]")
+            .start()
+            .await?;
+        assert_eq!(gateway.plugin("stamp").hooks, hooks, "config {config}");
+        let before = gateway.plugin("stamp").stats.calls;
+        let mut client = H1::connect(gateway.addr("web")).await?;
+        for _ in 0..3 {
+            let reply = client.request(get("app.test", "/")).await?;
+            assert_eq!(reply.status, 200, "{}", reply.excerpt());
+            assert_eq!(reply.header("x-stamp"), stamped, "config {config}");
+        }
+        let report = gateway.plugin("stamp");
+        assert_eq!(
+            report.stats.calls - before,
+            3 * hooks.len() as u64,
+            "config {config}: Wasm calls for 3 requests"
+        );
+        assert_eq!(report.stats.errors, 0, "{report:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_policy_can_skip_its_response_hook() -> anyhow::Result<()> {
+    let app = repo().join("tests/guests/stamp-python");
+    stamp_policy_skips_on_response(python_component(&app, "rewrite-policy")?, "python").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_policy_can_skip_its_response_hook() -> anyhow::Result<()> {
+    let source = repo().join("tests/guests/stamp-js/policy.js");
+    stamp_policy_skips_on_response(js_component(&source, "rewrite-policy")?, "javascript").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
