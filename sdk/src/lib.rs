@@ -75,6 +75,7 @@ pub use wit::types::{
 pub mod balance;
 pub mod config;
 pub mod net;
+pub mod text;
 
 /// A policy: configured once per instance by [`init`](Policy::init), then
 /// called for each request through the hooks its world exports.

@@ -139,8 +139,16 @@ impl Successor for u128 {
 /// trusted hop before it. `None` only when the peer address cannot be read.
 pub fn client_address(req: &Request, trusted: &IpRanges) -> Option<IpAddr> {
     let peer = canonical(req.client_ip().parse().ok()?);
+    Some(forwarded_client(req, peer, trusted))
+}
+
+/// [`client_address`] for a policy that has read the TCP peer `peer`
+/// already (one host call less): the client behind `peer` when `peer` is
+/// trusted, else `peer` itself.
+pub fn forwarded_client(req: &Request, peer: IpAddr, trusted: &IpRanges) -> IpAddr {
+    let peer = canonical(peer);
     if trusted.is_empty() || !trusted.contains(peer) {
-        return Some(peer);
+        return peer;
     }
     let values = req.header_all("x-forwarded-for");
     let mut client = peer;
@@ -150,14 +158,14 @@ pub fn client_address(req: &Request, trusted: &IpRanges) -> Option<IpAddr> {
             continue;
         }
         let Some(ip) = parse_forwarded_entry(entry) else {
-            return Some(client);
+            return client;
         };
         client = ip;
         if !trusted.contains(ip) {
-            return Some(ip);
+            return ip;
         }
     }
-    Some(client)
+    client
 }
 
 /// One `X-Forwarded-For` entry: an address, optionally `[v6]:port` or `v4:port`.

@@ -24,6 +24,8 @@
 //! An epoch's keys are removed one transition after it ends (see
 //! `cleanup_before`), so at most two epochs' keys exist at a time.
 
+use sluice_sdk::text::push_decimal;
+
 use crate::circuit::{self, Phase, State};
 use crate::config::{Config, Scope, Window};
 use crate::window::{self, Buckets, Reason, Sample, Tally};
@@ -92,21 +94,6 @@ const MAX_RACES: usize = 4;
 /// How long an endpoint-scope breaker waits after the host refused an
 /// ejection (`max_ejection_percent`) before it asks again.
 const EJECT_RETRY_MS: u64 = 1_000;
-
-/// Appends `n` in decimal, as `n.to_string()` would, without `core::fmt`.
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend(digits[at..].iter().map(|&d| char::from(d)));
-}
 
 /// One breaker: an upstream's, or one endpoint's.
 pub struct Breaker<'a, H: Host> {
@@ -632,15 +619,6 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-
-    #[test]
-    fn push_decimal_writes_what_to_string_does() {
-        for n in [0, 7, 10, 99, 100, 4_294_967_296, u64::MAX] {
-            let mut text = String::from("k|");
-            push_decimal(&mut text, n);
-            assert_eq!(text, format!("k|{n}"));
-        }
-    }
 
     #[derive(Debug, Clone, PartialEq)]
     enum Value {

@@ -28,7 +28,8 @@ pub mod steering;
 
 use std::net::IpAddr;
 
-use sluice_sdk::net::{canonical, client_address};
+use sluice_sdk::net::{canonical, forwarded_client};
+use sluice_sdk::text::push_ip;
 use sluice_sdk::{Action, Location, Policy, Request};
 
 use crate::config::Config;
@@ -48,7 +49,7 @@ impl Policy for Geo {
 
     fn on_request(&self, req: &Request) -> Action {
         let peer = req.client_ip().parse().ok().map(canonical);
-        let client = client_address(req, &self.config.trusted_proxies);
+        let client = peer.map(|peer| forwarded_client(req, peer, &self.config.trusted_proxies));
         let decision = steering::decide(&Imports, &self.config, peer, client, |name| {
             req.header(name)
         });
@@ -98,7 +99,9 @@ struct Imports;
 
 impl Host for Imports {
     fn lookup(&self, ip: IpAddr) -> Location {
-        sluice_sdk::geo::lookup(&ip.to_string())
+        let mut text = String::with_capacity(15);
+        push_ip(&mut text, ip);
+        sluice_sdk::geo::lookup(&text)
     }
 
     fn healthy(&self, upstream: &str) -> Option<u32> {
