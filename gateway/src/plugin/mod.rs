@@ -25,6 +25,7 @@ pub(crate) mod scope;
 pub(crate) mod shared_state;
 mod state;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use sha2::{Digest as _, Sha256};
+use thread_local::ThreadLocal;
 use wasmtime::component::{InstancePre, Resource};
 use wasmtime::{Store, UpdateDeadline};
 
@@ -142,7 +144,7 @@ pub(crate) struct PluginSpec {
     pub(crate) max_host_calls: u32,
     /// Keep instances between calls (the default) or make one per call.
     pub(crate) reuse_instances: bool,
-    /// Most idle instances kept ready.
+    /// Most idle instances kept ready, per thread.
     pub(crate) pool_size: usize,
     /// The manifest's `[geo] database`, answering `geo.lookup`.
     pub(crate) geo: Option<Arc<geo::GeoDatabase>>,
@@ -227,6 +229,54 @@ struct Exports {
     balance: Option<balance::GuestIndices>,
 }
 
+/// A plugin version's idle instances. Each thread keeps its own, and
+/// reuses the one it gave back last: a call then runs on the instance whose
+/// memory is warmest in this core's caches, and an instance never moves
+/// between worker threads. (A shared first-in first-out queue rotated every
+/// call through all the instances that concurrency had made, and handed
+/// them from one core to the other.)
+struct InstancePool {
+    /// This thread's idle instances, the most recently used last.
+    local: ThreadLocal<RefCell<Vec<Instance>>>,
+    /// Instances made off the worker threads (the first, at load), for the
+    /// first thread that has none of its own.
+    spare: ArrayQueue<Instance>,
+    /// Most idle instances one thread keeps (`pool_size`); it drops the surplus.
+    per_thread: usize,
+}
+
+impl InstancePool {
+    fn new(per_thread: usize) -> InstancePool {
+        InstancePool {
+            local: ThreadLocal::new(),
+            spare: ArrayQueue::new(1),
+            per_thread: per_thread.max(1),
+        }
+    }
+
+    /// An idle instance: this thread's last, else a spare.
+    fn take(&self) -> Option<Instance> {
+        self.local
+            .get()
+            .and_then(|local| local.borrow_mut().pop())
+            .or_else(|| self.spare.pop())
+    }
+
+    /// Keeps `instance` for this thread's next call, unless the thread
+    /// keeps `per_thread` already.
+    fn give_back(&self, instance: Instance) {
+        let mut local = self.local.get_or_default().borrow_mut();
+        if local.len() < self.per_thread {
+            local.push(instance);
+        }
+    }
+
+    /// Keeps an instance made off the worker threads; a second is dropped.
+    fn add_spare(&self, instance: Instance) {
+        let _ = self.spare.push(instance);
+    }
+}
+
 /// One live instance: its store and typed exports.
 struct Instance {
     store: Store<Ctx>,
@@ -247,7 +297,7 @@ pub(crate) struct Plugin {
     exports: Exports,
     /// The hooks the first instance's `init` skipped; set once it has run.
     skipped: OnceLock<SkippedHooks>,
-    pool: ArrayQueue<Instance>,
+    pool: InstancePool,
     scope: Arc<PluginScope>,
 }
 
@@ -285,7 +335,7 @@ impl Plugin {
         let plugin = Arc::new(Plugin {
             name: running.name.clone(),
             scope: running.scope.clone(),
-            pool: ArrayQueue::new(spec.pool_size.max(1)),
+            pool: InstancePool::new(spec.pool_size),
             spec,
             version: running.version.clone(),
             engine: running.engine.clone(),
@@ -319,7 +369,9 @@ impl Plugin {
         if skipped != SkippedHooks::default() {
             tracing::info!(plugin = %self.name, hooks = ?self.hooks(), "the plugin skips the hooks its config leaves idle");
         }
-        self.release(first);
+        // Made off the worker threads: whichever thread first needs an
+        // instance takes it.
+        self.pool.add_spare(first);
         Ok(())
     }
 
@@ -353,7 +405,7 @@ impl Plugin {
         let plugin = Arc::new(Plugin {
             name: Arc::from(spec.name.as_str()),
             scope: scope::scope_for(&spec.name),
-            pool: ArrayQueue::new(spec.pool_size.max(1)),
+            pool: InstancePool::new(spec.pool_size),
             spec,
             version,
             engine: runtime.engine.clone(),
@@ -510,7 +562,7 @@ impl Plugin {
     /// An instance for one call: a pooled one, or a new one.
     async fn acquire(&self) -> Result<Instance, HookError> {
         if self.spec.reuse_instances
-            && let Some(instance) = self.pool.pop()
+            && let Some(instance) = self.pool.take()
         {
             return Ok(instance);
         }
@@ -533,8 +585,7 @@ impl Plugin {
             ctx.upstream = None;
             ctx.candidates = None;
             ctx.directory = None;
-            // A full pool drops the surplus instance.
-            let _ = self.pool.push(instance);
+            self.pool.give_back(instance);
         }
     }
 
