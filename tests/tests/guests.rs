@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http::HeaderValue;
 use sluice_tests::client::{H1, get};
 use sluice_tests::guests::{js_component, python_component};
-use sluice_tests::{Manifest, Origin};
+use sluice_tests::{Manifest, Origin, TestGateway};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,12 +23,15 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs the block policy at `wasm` with `config` and checks what it does.
-async fn block_policy_works(wasm: &Path, config: &str, header: &str) -> anyhow::Result<()> {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let name = format!("block{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let origin = Origin::echo("app").await?;
-    let gateway = Manifest::new()
+/// A gateway whose one route sends every request through plugin `name`
+/// (the component at `wasm`, with `config`) to `origin`.
+async fn one_policy_gateway(
+    origin: &Origin,
+    name: &str,
+    wasm: &Path,
+    config: &str,
+) -> anyhow::Result<TestGateway> {
+    Manifest::new()
         .listener("web", "")
         .upstream("app", &[origin.addr()], "")
         .raw(&format!(
@@ -37,7 +40,15 @@ async fn block_policy_works(wasm: &Path, config: &str, header: &str) -> anyhow::
         ))
         .route("all", "{}", "app", &format!("policies = [\"{name}\"]"))
         .start()
-        .await?;
+        .await
+}
+
+/// Runs the block policy at `wasm` with `config` and checks what it does.
+async fn block_policy_works(wasm: &Path, config: &str, header: &str) -> anyhow::Result<()> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("block{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let origin = Origin::echo("app").await?;
+    let gateway = one_policy_gateway(&origin, &name, wasm, config).await?;
     let mut client = H1::connect(gateway.addr("web")).await?;
 
     let plain = client.request(get("app.test", "/")).await?;
@@ -106,16 +117,7 @@ async fn stamp_policy_skips_on_response(wasm: Option<PathBuf>, stamp: &str) -> a
         ("{}", vec!["on-request", "on-response"], Some(stamp)),
         ("{ stamp = false }", vec!["on-request"], None),
     ] {
-        let gateway = Manifest::new()
-            .listener("web", "")
-            .upstream("app", &[origin.addr()], "")
-            .raw(&format!(
-                "[plugin.stamp]\nsource = \"{}\"\nconfig = {config}\n",
-                wasm.display()
-            ))
-            .route("all", "{}", "app", "policies = [\"stamp\"]")
-            .start()
-            .await?;
+        let gateway = one_policy_gateway(&origin, "stamp", &wasm, config).await?;
         assert_eq!(gateway.plugin("stamp").hooks, hooks, "config {config}");
         let before = gateway.plugin("stamp").stats.calls;
         let mut client = H1::connect(gateway.addr("web")).await?;
