@@ -322,9 +322,11 @@ async fn instances_are_pooled_unless_configured_per_request() -> anyhow::Result<
     }
     let pooled = gateway.plugin(&pooled).stats;
     let fresh = gateway.plugin(&fresh).stats;
-    // Sequential requests need one instance (plus the one made at load).
+    // Instances are pooled per thread: sequential requests need one on each
+    // thread their calls ran on (this test's runtime has two workers, and
+    // its `block_on` thread), plus the one made at load.
     assert!(
-        pooled.instances <= 2,
+        pooled.instances <= 4,
         "pooled instances are reused: {pooled:?}"
     );
     assert!(
