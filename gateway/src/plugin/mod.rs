@@ -360,7 +360,7 @@ impl Plugin {
                 .join()
         })
         .map_err(|_| PluginError::Instantiate("instantiation panicked".to_string()))?;
-        let first = made.map_err(|e| match e {
+        let mut first = made.map_err(|e| match e {
             InstantiateError::Init(message) => PluginError::Init(message),
             InstantiateError::Other(message) => PluginError::Instantiate(message),
         })?;
@@ -370,7 +370,9 @@ impl Plugin {
             tracing::info!(plugin = %self.name, hooks = ?self.hooks(), "the plugin skips the hooks its config leaves idle");
         }
         // Made off the worker threads: whichever thread first needs an
-        // instance takes it.
+        // instance takes it. A long `init` may hold a long-call permit:
+        // it goes back now, not at the instance's first call.
+        first.store.data_mut().end_call();
         self.pool.add_spare(first);
         Ok(())
     }
