@@ -138,7 +138,7 @@ impl Successor for u128 {
 /// trusted, the left-most one; when an entry is not an address, the last
 /// trusted hop before it. `None` only when the peer address cannot be read.
 pub fn client_address(req: &Request, trusted: &IpRanges) -> Option<IpAddr> {
-    let peer = canonical(req.client_ip().parse().ok()?);
+    let peer = req.client_ip().parse().ok()?;
     Some(forwarded_client(req, peer, trusted))
 }
 
