@@ -376,7 +376,7 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -384,7 +384,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let polled = match &mut this.payload {
-            Payload::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Payload::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Payload::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {

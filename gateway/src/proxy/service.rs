@@ -25,7 +25,7 @@ use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::{Endpoint, EndpointSet, SendError, TryResult};
+use crate::upstream::{Endpoint, EndpointSet, SendError, TryResult, Upgraded};
 
 /// Everything a request needs to know about its connection.
 #[derive(Debug)]
@@ -444,9 +444,11 @@ async fn proxy(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
-        return response.map(|_| ResponseBody::local(bytes::Bytes::new()));
+        let (parts, body) = response.into_parts();
+        if let Some(upstream_upgrade) = body.into_upgraded() {
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        }
+        return Response::from_parts(parts, ResponseBody::local(bytes::Bytes::new()));
     }
     forward::response_headers(response.headers_mut());
     if let Some(mut head) = forwarded_head.take() {
@@ -540,23 +542,15 @@ fn policy_failed(plugin: Arc<str>, outcome: &mut Outcome) -> Response<ResponseBo
 }
 
 /// Copies bytes both ways between an upgraded client and upstream until either closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = tokio::join!(client, upstream);
-    match (client, upstream) {
-        (Ok(client), Ok(upstream)) => {
+async fn tunnel(client: hyper::upgrade::OnUpgrade, mut upstream: Upgraded) {
+    match client.await {
+        Ok(client) => {
             let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
             if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                 tracing::debug!(%error, "upgraded connection ended with an error");
             }
         }
-        (client, upstream) => {
-            tracing::debug!(
-                client_ok = client.is_ok(),
-                upstream_ok = upstream.is_ok(),
-                "upgrade did not complete"
-            );
-        }
+        Err(error) => tracing::debug!(%error, "client upgrade did not complete"),
     }
 }
 

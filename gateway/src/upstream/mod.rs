@@ -4,6 +4,7 @@
 
 mod checks;
 mod endpoints;
+mod h1;
 mod pool;
 mod retry;
 
@@ -15,6 +16,7 @@ pub(crate) use checks::{HealthCheck, Probe};
 pub(crate) use endpoints::{
     CandidateSet, CircuitState, CircuitStatus, Endpoint, EndpointSet, EndpointStatus, Passive,
 };
+pub(crate) use h1::Upgraded;
 pub(crate) use pool::{Pool, SendError, UpstreamBody};
 pub(crate) use retry::{Backoff, RetryBudget, RetryOn, RetryPolicy, TryResult};
 

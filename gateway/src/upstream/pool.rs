@@ -7,10 +7,10 @@
 //!
 //! A worker's requests never cross threads, so the lock around the idle
 //! lists is never contended; taking and returning a connection is a push
-//! and a pop. Nothing is spawned per request: only one task per
-//! connection (hyper's connection driver) and, while connections are idle,
-//! one timer task per pool that closes those idle longer than
-//! `keepalive_timeout`.
+//! and a pop. Nothing is spawned per request or per connection: the
+//! request's task runs the exchange ([`h1`](super::h1)), and while
+//! connections are idle one timer task per pool closes those idle longer
+//! than `keepalive_timeout`.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -22,14 +22,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::h1::{self, BodyError, BodyReader, ExchangeError};
 use crate::proxy::body::RequestBody;
 
 /// One worker's idle keep-alive connections to an upstream's endpoints.
@@ -90,7 +88,7 @@ impl Drop for Slot {
 
 /// A connection ready for an exchange, with its slot (held for its drop).
 struct Connection {
-    sender: http1::SendRequest<RequestBody>,
+    h1: h1::Connection,
     _slot: Slot,
 }
 
@@ -140,7 +138,7 @@ pub(crate) enum SendError {
     /// `connect_timeout` (an [`std::io::ErrorKind::TimedOut`] error).
     Connect(std::io::Error),
     /// The connection broke, or the exchange failed, before a response head.
-    Exchange(hyper::Error),
+    Exchange(ExchangeError),
 }
 
 impl SendError {
@@ -202,9 +200,10 @@ impl Pool {
 
     /// Sends `request` (origin-form target, `Host` set) to endpoint `id` at
     /// `addr` on an idle connection, or a new one when none is left. A
-    /// request an idle connection could not take because it had just
-    /// closed (the upstream's own keep-alive timeout) goes to the next one,
-    /// unsent, so that race never fails a request.
+    /// request that a reused connection could not take because the
+    /// upstream had just closed it (its own keep-alive timeout) goes to the
+    /// next one when it can be sent again (no body, an idempotent method),
+    /// so that race does not fail it.
     ///
     /// Written as an `async` block rather than an `async fn`: an `async fn`
     /// keeps a second copy of its by-value arguments (the ~340-byte request)
@@ -214,7 +213,7 @@ impl Pool {
         &self,
         id: u32,
         addr: SocketAddr,
-        mut request: Request<RequestBody>,
+        request: Request<RequestBody>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
         async move {
             let mut queued = Queued {
@@ -222,19 +221,16 @@ impl Pool {
                 id,
                 counted: false,
             };
+            let (parts, mut body) = request.into_parts();
+            let replayable = body.is_end_stream() && is_idempotent(&parts.method);
             loop {
-                let mut connection = match self.lease(id, &mut queued.counted) {
-                    Lease::Idle(connection) => connection,
+                let (mut connection, reused) = match self.lease(id, &mut queued.counted) {
+                    Lease::Idle(connection) => (connection, true),
                     Lease::Open(slot) => {
-                        let sender = self.connect(addr).await?;
-                        let mut connection = Connection {
-                            sender,
-                            _slot: slot,
-                        };
-                        return match connection.sender.send_request(request).await {
-                            Ok(response) => Ok(self.wrap(id, connection, response)),
-                            Err(error) => Err(SendError::Exchange(error)),
-                        };
+                        // Boxed: connecting is rare, and its future (~360
+                        // bytes) would otherwise sit in every request's.
+                        let h1 = Box::pin(self.connect(addr)).await?;
+                        (Connection { h1, _slot: slot }, false)
                     }
                     Lease::Full(gate) => {
                         // A release before this wait left a permit, so none is
@@ -243,16 +239,12 @@ impl Pool {
                         continue;
                     }
                 };
-                // Ready at once unless the connection closed while idle.
-                if connection.sender.ready().await.is_err() {
-                    continue;
-                }
-                match connection.sender.try_send_request(request).await {
-                    Ok(response) => return Ok(self.wrap(id, connection, response)),
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) => request = unsent,
-                        None => return Err(SendError::Exchange(error.into_error())),
-                    },
+                match connection.h1.send(&parts, &mut body).await {
+                    Ok(head) => return Ok(self.wrap(id, connection, head)),
+                    Err(error) if reused && replayable && error.closed_before_response() => {
+                        tracing::debug!(%addr, "reused upstream connection was closed; trying another");
+                    }
+                    Err(error) => return Err(SendError::Exchange(error)),
                 }
             }
         }
@@ -309,8 +301,8 @@ impl Pool {
         let now = Instant::now();
         let mut lease = None;
         while let Some(idle) = endpoint.connections.pop() {
-            if !idle.connection.sender.is_closed()
-                && now.duration_since(idle.since) < self.inner.idle_timeout
+            if now.duration_since(idle.since) < self.inner.idle_timeout
+                && !idle.connection.h1.is_closed()
             {
                 lease = Some(Lease::Idle(idle.connection));
                 break;
@@ -343,9 +335,6 @@ impl Pool {
     /// Hands a connection back after its exchange ended cleanly, waking a
     /// request waiting for one.
     fn checkin(&self, id: u32, connection: Connection) {
-        if connection.sender.is_closed() {
-            return;
-        }
         let mut idle = self.lock();
         let endpoint = Pool::endpoint(&mut idle, id);
         if endpoint.connections.len() >= self.inner.max_idle {
@@ -364,10 +353,7 @@ impl Pool {
         }
     }
 
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<http1::SendRequest<RequestBody>, SendError> {
+    async fn connect(&self, addr: SocketAddr) -> Result<h1::Connection, SendError> {
         let connecting = tokio::net::TcpStream::connect(addr);
         let stream = match tokio::time::timeout(self.inner.connect_timeout, connecting).await {
             Ok(Ok(stream)) => stream,
@@ -380,44 +366,33 @@ impl Pool {
             }
         };
         stream.set_nodelay(true).map_err(SendError::Connect)?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SendError::Exchange)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, %addr, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(h1::Connection::new(stream))
     }
 
     /// The response with its body tied to the connection: the connection
-    /// goes back to the pool when the body ends. A `101 Switching
-    /// Protocols` connection now belongs to the tunnel and is never reused.
-    fn wrap(
-        &self,
-        id: u32,
-        connection: Connection,
-        response: Response<Incoming>,
-    ) -> Response<UpstreamBody> {
-        let reusable =
-            self.inner.max_idle > 0 && response.status() != StatusCode::SWITCHING_PROTOCOLS;
-        let checkin = reusable.then(|| Checkin {
-            pool: self.clone(),
-            id,
-            connection,
-        });
-        let (parts, incoming) = response.into_parts();
+    /// goes back to the pool when the body ends, if both sides keep it
+    /// open. A `101 Switching Protocols` connection now belongs to the
+    /// tunnel ([`UpstreamBody::into_upgraded`]).
+    fn wrap(&self, id: u32, connection: Connection, head: h1::Head) -> Response<UpstreamBody> {
+        let home = (self.inner.max_idle > 0 && head.reusable).then(|| (self.clone(), id));
         let mut body = UpstreamBody {
-            body: incoming,
-            checkin,
+            reader: head.body,
+            connection: Some(connection),
+            home,
         };
-        if body.body.is_end_stream() {
+        if body.reader.is_end() {
             body.release();
         }
-        Response::from_parts(parts, body)
+        Response::from_parts(head.parts, body)
     }
+}
+
+/// Methods whose request may be sent twice with the effect of once (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Closes connections idle longer than the timeout, waking when the
@@ -432,8 +407,7 @@ async fn reap(pool: Weak<Inner>) {
             let mut oldest: Option<Instant> = None;
             for endpoint in &mut idle.by_endpoint {
                 endpoint.connections.retain(|c| {
-                    !c.connection.sender.is_closed()
-                        && now.duration_since(c.since) < inner.idle_timeout
+                    now.duration_since(c.since) < inner.idle_timeout && !c.connection.h1.is_closed()
                 });
                 if let Some(first) = endpoint.connections.first() {
                     oldest = Some(oldest.map_or(first.since, |o| o.min(first.since)));
@@ -451,72 +425,90 @@ async fn reap(pool: Weak<Inner>) {
     }
 }
 
-/// A connection to hand back when its response body ends.
-struct Checkin {
-    pool: Pool,
-    id: u32,
-    connection: Connection,
-}
-
-/// An upstream response body; its connection returns to the pool when the
-/// body has been read to its end (one that is dropped unread closes it).
+/// An upstream response body, read from its connection as it is polled;
+/// the connection returns to the pool when the body has been read to its
+/// end (one that is dropped unread closes it).
 pub(crate) struct UpstreamBody {
-    body: Incoming,
-    checkin: Option<Checkin>,
+    reader: BodyReader,
+    /// `None` once the body has ended (the connection went back or closed).
+    connection: Option<Connection>,
+    /// The pool and endpoint to return the connection to; `None` when it
+    /// must not be reused.
+    home: Option<(Pool, u32)>,
 }
 
 impl UpstreamBody {
+    /// Hands the connection back (when reusable and nothing is left over)
+    /// or closes it.
     fn release(&mut self) {
-        if let Some(Checkin {
-            pool,
-            id,
-            connection,
-        }) = self.checkin.take()
+        let connection = self.connection.take();
+        if let (Some(connection), Some((pool, id))) = (connection, self.home.take())
+            && self.reader.is_complete()
+            && !connection.h1.has_leftover()
         {
             pool.checkin(id, connection);
         }
+    }
+
+    /// The upstream connection after `101 Switching Protocols`, for the
+    /// tunnel; `None` for any other response.
+    pub(crate) fn into_upgraded(mut self) -> Option<h1::Upgraded> {
+        if !self.reader.is_upgrade() {
+            return None;
+        }
+        self.home = None;
+        self.connection
+            .take()
+            .map(|connection| connection.h1.into_upgraded())
     }
 }
 
 impl fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpstreamBody")
-            .field("body", &self.body)
-            .field("pooled", &self.checkin.is_some())
+            .field("reader", &self.reader)
+            .field("pooled", &self.home.is_some())
             .finish()
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let this = &mut *self;
+        let Some(connection) = this.connection.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = this.reader.poll_frame(&mut connection.h1, cx);
         match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.reader.is_end() => this.release(),
+            Poll::Ready(Some(Err(_))) => {
+                this.home = None;
+                this.connection = None;
+            }
             _ => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.connection.is_none() || self.reader.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.reader.size_hint()
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if self.body.is_end_stream() {
+        if self.reader.is_end() {
             self.release();
         }
     }
@@ -527,8 +519,10 @@ mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use http::StatusCode;
     use http_body_util::{BodyExt as _, Full};
     use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
