@@ -763,6 +763,64 @@ mod tests {
         assert_eq!(counts.accepted.load(Ordering::SeqCst), 20);
     }
 
+    /// An origin that answers the first request on each connection and
+    /// closes the connection, unanswered, when the second arrives: what a
+    /// keep-alive timeout firing as a request goes out looks like.
+    async fn one_answer_origin() -> (SocketAddr, Arc<Counts>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let counts = Arc::new(Counts::default());
+        let seen = counts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                seen.accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let mut requests = 0;
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        requests += 1;
+                        if requests > 1 {
+                            break;
+                        }
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+        (addr, counts)
+    }
+
+    #[tokio::test]
+    async fn a_request_the_upstream_closed_on_is_replayed_only_when_safe() {
+        let (addr, counts) = one_answer_origin().await;
+        let pool = Pool::new(8, Duration::from_secs(60), 64, Duration::from_secs(1));
+        assert_eq!(read_all(&pool, addr).await, "ok");
+        // The second GET goes out on the kept connection, which the origin
+        // closes unanswered: replayed on a new one.
+        assert_eq!(read_all(&pool, addr).await, "ok");
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+
+        // A POST is not sent twice: it fails as the upstream's error.
+        let post = Request::builder()
+            .method(Method::POST)
+            .uri("/")
+            .header(http::header::HOST, "origin")
+            .body(RequestBody::empty())
+            .expect("request");
+        let error = pool.send(0, addr, post).await.expect_err("not replayed");
+        assert!(!error.is_connect(), "{error}");
+        assert!(
+            matches!(&error, SendError::Exchange(e) if e.closed_before_response()),
+            "{error}"
+        );
+        assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn connect_failures_and_timeouts_are_connect_errors() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
