@@ -236,8 +236,12 @@ impl StateStore {
     /// see the WIT `state.throttle`. The key expires when the limit is full
     /// again. A key holding a counter or text starts afresh.
     pub(crate) fn throttle(&self, key: &str, rate: Rate, cost: u32) -> Throttled {
-        let now = Instant::now();
+        // The clock is read with the key locked: read before, it may be
+        // older than the arrival time another thread set meanwhile (this one
+        // waited for the lock, or was descheduled), and a call well under
+        // the rate would be refused.
         let apply = |slot: &mut Slot| {
+            let now = Instant::now();
             let tat = match slot.value {
                 Value::Arrival(at) if slot.live(now) => Some(at),
                 _ => None,
@@ -258,7 +262,7 @@ impl StateStore {
         match self.entries.entry(Box::from(key)) {
             Entry::Occupied(mut occupied) => apply(occupied.get_mut()),
             Entry::Vacant(vacant) => {
-                let (decision, counted) = rate.decide(now, None, cost);
+                let (decision, counted) = rate.decide(Instant::now(), None, cost);
                 if let Some(at) = counted {
                     vacant.insert(Slot {
                         value: Value::Arrival(at),
@@ -361,6 +365,37 @@ mod tests {
         let (too_much, _) = limit.decide(t0, None, 6);
         assert!(!too_much.allowed);
         assert_eq!(too_much.retry_after, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn throttle_reads_the_clock_under_the_lock() {
+        // Threads racing on one key far below its rate (one call per
+        // nanosecond, 100 beyond): each call must see the arrival time
+        // the previous one left, at a time no earlier than it. A clock read
+        // before the lock is older than that time whenever the thread
+        // waited for the lock or was descheduled, and refuses the call.
+        let store = std::sync::Arc::new(StateStore::default());
+        let limit = Rate {
+            interval: Duration::from_nanos(1),
+            burst: 100,
+        };
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let until = Instant::now() + Duration::from_millis(200);
+                    let mut refused = 0u32;
+                    while Instant::now() < until {
+                        for _ in 0..64 {
+                            refused += u32::from(!store.throttle("hot", limit, 1).allowed);
+                        }
+                    }
+                    refused
+                })
+            })
+            .collect();
+        let refused: u32 = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+        assert_eq!(refused, 0, "calls under the rate were refused");
     }
 
     #[test]
