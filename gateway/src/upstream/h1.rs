@@ -264,6 +264,17 @@ impl Connection {
     pub(crate) fn has_leftover(&self) -> bool {
         !self.0.read.is_empty()
     }
+
+    /// Lets go of buffers a long body grew, before the connection idles:
+    /// an idle connection keeps at most [`READ_ROOM`] or so of its own.
+    pub(crate) fn shrink(&mut self) {
+        if self.0.read.capacity() > 2 * READ_ROOM {
+            self.0.read = BytesMut::new();
+        }
+        if self.0.write.capacity() > 2 * READ_ROOM {
+            self.0.write = BytesMut::new();
+        }
+    }
 }
 
 impl State {

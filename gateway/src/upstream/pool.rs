@@ -446,6 +446,8 @@ impl UpstreamBody {
             && self.reader.is_complete()
             && !connection.h1.has_leftover()
         {
+            let mut connection = connection;
+            connection.h1.shrink();
             pool.checkin(id, connection);
         }
     }
