@@ -925,6 +925,22 @@ impl AsyncWrite for Upgraded {
     }
 }
 
+/// Reads one request head (up to its blank line, or the end) off `stream`,
+/// for the scripted origins of this module's and the pool's tests.
+#[cfg(test)]
+pub(crate) async fn read_request_head(stream: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    head
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -945,20 +961,13 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let served = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
+            let head = read_request_head(&mut stream).await;
             stream.write_all(response).await.expect("write");
             if close {
                 drop(stream);
             } else {
                 // Hold the connection open until the client is done with it.
-                let _ = stream.read(&mut buf).await;
+                let _ = stream.read(&mut [0u8; 64]).await;
             }
             head
         });

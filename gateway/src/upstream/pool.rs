@@ -525,7 +525,7 @@ mod tests {
     use http_body_util::{BodyExt as _, Full};
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     use tokio::net::TcpListener;
 
     use super::*;
@@ -727,32 +727,37 @@ mod tests {
         assert!(!later);
     }
 
-    /// An origin that answers one request per connection and then closes it
-    /// without saying so (no `Connection: close`), as an upstream whose
-    /// keep-alive timeout just fired does.
-    async fn closing_origin() -> (SocketAddr, Arc<Counts>) {
+    /// An origin on raw sockets: counts each connection it accepts and
+    /// hands it to `serve` on a task of its own.
+    async fn raw_origin<F, Serving>(serve: F) -> (SocketAddr, Arc<Counts>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Serving + Send + 'static,
+        Serving: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let counts = Arc::new(Counts::default());
         let seen = counts.clone();
         tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
+            while let Ok((stream, _)) = listener.accept().await {
                 seen.accepted.fetch_add(1, Ordering::SeqCst);
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                drop(stream);
+                tokio::spawn(serve(stream));
             }
         });
         (addr, counts)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    /// An origin that answers one request per connection and then closes it
+    /// without saying so (no `Connection: close`), as an upstream whose
+    /// keep-alive timeout just fired does.
+    async fn closing_origin() -> (SocketAddr, Arc<Counts>) {
+        raw_origin(|mut stream| async move {
+            h1::read_request_head(&mut stream).await;
+            let _ = stream.write_all(OK).await;
+        })
+        .await
     }
 
     #[tokio::test]
@@ -769,32 +774,13 @@ mod tests {
     /// closes the connection, unanswered, when the second arrives: what a
     /// keep-alive timeout firing as a request goes out looks like.
     async fn one_answer_origin() -> (SocketAddr, Arc<Counts>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let counts = Arc::new(Counts::default());
-        let seen = counts.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                seen.accepted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let mut requests = 0;
-                    while let Ok(n) = stream.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        requests += 1;
-                        if requests > 1 {
-                            break;
-                        }
-                        let _ = stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await;
-                    }
-                });
+        raw_origin(|mut stream| async move {
+            h1::read_request_head(&mut stream).await;
+            if stream.write_all(OK).await.is_ok() {
+                h1::read_request_head(&mut stream).await;
             }
-        });
-        (addr, counts)
+        })
+        .await
     }
 
     #[tokio::test]
