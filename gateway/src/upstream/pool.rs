@@ -22,12 +22,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::h1::{self, BodyError, BodyReader, ExchangeError};
+use super::retry::is_idempotent;
 use crate::proxy::body::RequestBody;
 
 /// One worker's idle keep-alive connections to an upstream's endpoints.
@@ -387,14 +388,6 @@ impl Pool {
     }
 }
 
-/// Methods whose request may be sent twice with the effect of once (RFC 9110 §9.2.2).
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// Closes connections idle longer than the timeout, waking when the
 /// oldest expires; ends when none is left idle (the next return starts it
 /// again) or the pool is gone.
@@ -521,7 +514,7 @@ mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http::StatusCode;
+    use http::{Method, StatusCode};
     use http_body_util::{BodyExt as _, Full};
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;

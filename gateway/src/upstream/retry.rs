@@ -178,7 +178,7 @@ impl RetryPolicy {
 }
 
 /// RFC 9110's idempotent methods: sending one twice has the effect of once.
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
