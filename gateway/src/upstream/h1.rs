@@ -46,6 +46,9 @@ use crate::proxy::body::{RequestBody, RequestBodyError};
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most fields in a response head or trailer section (hyper's client: 100).
 const MAX_HEADERS: usize = 128;
+/// Most request bytes queued for the socket: the body is not read further
+/// ahead of what the upstream takes.
+const MAX_QUEUED_BYTES: usize = 64 * 1024;
 /// Free room a read asks the socket to fill, at least.
 const READ_ROOM: usize = 8 * 1024;
 /// Free room a read of a long body asks for: fewer reads, fewer buffers.
@@ -381,6 +384,11 @@ impl State {
     /// Writes what is queued and queues more of the body while the socket
     /// takes it; `Ok` when it is all written or the socket or the client is
     /// not ready.
+    ///
+    /// What the body has ready is taken before anything is written: the
+    /// head leaves with the first data in one write, and a body that fails
+    /// at once (a malformed HTTP/2 request the client's stream reset) sends
+    /// nothing, not even the head.
     fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
@@ -388,18 +396,24 @@ impl State {
         sending: &mut Sending,
     ) -> Result<(), SendFailure> {
         loop {
-            if !self.queue.is_empty() {
-                match self.poll_write_queue(cx) {
-                    Poll::Ready(Ok(())) => continue,
-                    Poll::Ready(Err(error)) => return Err(SendFailure::Write(error)),
-                    Poll::Pending => return Ok(()),
+            let polled = if matches!(sending, Sending::Done)
+                || self.queue.iter().map(Bytes::len).sum::<usize>() >= MAX_QUEUED_BYTES
+            {
+                Poll::Pending
+            } else {
+                Pin::new(&mut *body).poll_frame(cx)
+            };
+            let frame = match polled {
+                Poll::Pending => {
+                    if self.queue.is_empty() {
+                        return Ok(());
+                    }
+                    match self.poll_write_queue(cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(error)) => return Err(SendFailure::Write(error)),
+                        Poll::Pending => return Ok(()),
+                    }
                 }
-            }
-            if matches!(sending, Sending::Done) {
-                return Ok(());
-            }
-            let frame = match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending => return Ok(()),
                 Poll::Ready(Some(Err(error))) => {
                     return Err(SendFailure::Body(ExchangeError::Body(error)));
                 }
