@@ -19,8 +19,10 @@
 //!   close;
 //! - interim responses (`100 Continue`, `103 Early Hints`) are read and
 //!   dropped; `101 Switching Protocols` hands the connection to a tunnel;
-//! - a response that arrives before the request body is sent (an upstream
-//!   refusing an upload) ends the sending, and the connection is not reused;
+//! - a response may arrive before the request body is all sent (an echo, a
+//!   transcoder): the rest is sent while the response body is read; if the
+//!   upstream stops reading it (one refusing an upload), its response still
+//!   counts and the connection is not reused;
 //! - a connection is reused only when both sides are done with the exchange
 //!   and neither said `close` (HTTP/1.0: only with `keep-alive`).
 
@@ -301,7 +303,7 @@ impl State {
         let mut sending = self.encode_head(parts, body);
         let mut answered = false;
         let mut write_failed = None;
-        let head = std::future::poll_fn(|cx| {
+        let mut head = std::future::poll_fn(|cx| {
             if write_failed.is_none() {
                 match self.poll_send(cx, body, &mut sending) {
                     Ok(()) => {}
@@ -319,7 +321,6 @@ impl State {
             }
         })
         .await?;
-        let mut head = head;
         if write_failed.is_some() {
             head.reusable = false;
             head.body.abandoned = true;
@@ -355,10 +356,7 @@ impl State {
             if name == header::TRANSFER_ENCODING {
                 continue;
             }
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
+            push_field(w, name, value);
         }
         let sending = if body.is_end_stream() {
             // Methods that define a body say it is empty (hyper does the same).
@@ -458,10 +456,7 @@ impl State {
                         w.extend_from_slice(b"0\r\n");
                         if let Ok(trailers) = frame.into_trailers() {
                             for (name, value) in &trailers {
-                                w.extend_from_slice(name.as_str().as_bytes());
-                                w.extend_from_slice(b": ");
-                                w.extend_from_slice(value.as_bytes());
-                                w.extend_from_slice(b"\r\n");
+                                push_field(w, name, value);
                             }
                         }
                         w.extend_from_slice(b"\r\n");
@@ -606,6 +601,14 @@ impl State {
             reusable,
         }))
     }
+}
+
+/// Writes one header or trailer field line.
+fn push_field(w: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    w.extend_from_slice(name.as_str().as_bytes());
+    w.extend_from_slice(b": ");
+    w.extend_from_slice(value.as_bytes());
+    w.extend_from_slice(b"\r\n");
 }
 
 /// Reads into `buf` with at least `room` bytes free.

@@ -434,12 +434,10 @@ impl UpstreamBody {
     /// Hands the connection back (when reusable and nothing is left over)
     /// or closes it.
     fn release(&mut self) {
-        let connection = self.connection.take();
-        if let (Some(connection), Some((pool, id))) = (connection, self.home.take())
+        if let (Some(mut connection), Some((pool, id))) = (self.connection.take(), self.home.take())
             && self.reader.is_complete()
             && !connection.h1.has_leftover()
         {
-            let mut connection = connection;
             connection.h1.shrink();
             pool.checkin(id, connection);
         }
