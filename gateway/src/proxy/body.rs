@@ -106,11 +106,13 @@ impl ClientWait {
     }
 }
 
-/// `timeout` on one try upstream, not counting time spent waiting for the
-/// client's body (`body_read_timeout` bounds that): a client that uploads
-/// slowly is not the upstream's fault, so it neither gets a 504 nor makes
-/// the endpoint count as failed.
+/// `timeout` on one try upstream, counted from `started` (when the try
+/// began: the caller has read the clock already), not counting time spent
+/// waiting for the client's body (`body_read_timeout` bounds that): a
+/// client that uploads slowly is not the upstream's fault, so it neither
+/// gets a 504 nor makes the endpoint count as failed.
 pub(crate) async fn upstream_timeout<F: Future>(
+    started: Instant,
     limit: Duration,
     client_wait: Option<&ClientWait>,
     mut exchange: Pin<&mut F>,
@@ -119,11 +121,10 @@ pub(crate) async fn upstream_timeout<F: Future>(
     // this future twice (as the argument and inside the timeout), ~1.2 KiB
     // more per request in flight.
     let Some(client_wait) = client_wait else {
-        return tokio::time::timeout(limit, exchange)
+        return tokio::time::timeout_at(started + limit, exchange)
             .await
             .map_err(|_| UpstreamTimedOut);
     };
-    let started = Instant::now();
     let waited_before = client_wait.waited();
     loop {
         let client = client_wait.waited().saturating_sub(waited_before);
@@ -465,8 +466,13 @@ mod tests {
     async fn upstream_timeout_leaves_out_the_wait_for_the_client() {
         let limit = Duration::from_secs(2);
         let started = Instant::now();
-        let plain =
-            upstream_timeout(limit, None, std::pin::pin!(std::future::pending::<()>())).await;
+        let plain = upstream_timeout(
+            started,
+            limit,
+            None,
+            std::pin::pin!(std::future::pending::<()>()),
+        )
+        .await;
         assert!(plain.is_err());
         assert_eq!(started.elapsed(), limit);
 
@@ -484,6 +490,7 @@ mod tests {
         });
         let started = Instant::now();
         let slow = upstream_timeout(
+            started,
             limit,
             Some(&wait),
             std::pin::pin!(std::future::pending::<()>()),
@@ -497,7 +504,13 @@ mod tests {
         );
         assert!(client.is_finished());
 
-        let answered = upstream_timeout(limit, Some(&wait), std::pin::pin!(async { 7 })).await;
+        let answered = upstream_timeout(
+            Instant::now(),
+            limit,
+            Some(&wait),
+            std::pin::pin!(async { 7 }),
+        )
+        .await;
         assert_eq!(answered.ok(), Some(7));
     }
 }

@@ -34,6 +34,18 @@ fn hop_by_hop() -> [&'static HeaderName; 6] {
 /// HTTP/1.1 request without one (RFC 9110 §7.6.1 forbids naming a field meant
 /// for every recipient; ignoring that token is what keeps the request valid).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds which are there: a removal hashes and
+    // probes, and most messages carry one of the six at most.
+    let hop = hop_by_hop();
+    let mut present = [false; 6];
+    for name in headers.keys() {
+        if let Some(i) = hop.iter().position(|h| *h == name) {
+            present[i] = true;
+        }
+    }
+    if present == [false; 6] {
+        return;
+    }
     // Vec::new() does not allocate: the common `Connection: keep-alive` costs nothing.
     let mut named = Vec::new();
     for token in headers
@@ -53,8 +65,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &named {
         headers.remove(name);
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
+    for (name, present) in hop.into_iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -243,6 +257,27 @@ mod tests {
             assert!(headers.get(gone).is_none(), "{gone} should be stripped");
         }
         assert_eq!(headers["x-kept"], "1");
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped_and_nothing_else() {
+        for name in hop_by_hop() {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_static("a.example"));
+            headers.append(name, HeaderValue::from_static("x"));
+            headers.append(name, HeaderValue::from_static("y"));
+            headers.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut headers);
+            assert!(headers.get(name).is_none(), "{name} should be stripped");
+            assert_eq!(headers.len(), 2, "only {name} goes");
+        }
+        let mut untouched = HeaderMap::new();
+        untouched.insert(header::HOST, HeaderValue::from_static("a.example"));
+        untouched.append("x-a", HeaderValue::from_static("1"));
+        untouched.append("x-a", HeaderValue::from_static("2"));
+        let before = untouched.clone();
+        strip_hop_by_hop(&mut untouched);
+        assert_eq!(untouched, before);
     }
 
     #[test]

@@ -288,7 +288,14 @@ async fn proxy(
     if let Some(retries) = retries {
         retries.budget.deposit();
     }
-    let deadline = Instant::now() + upstream.timeout;
+    // The clock as last read: policies and pacing take time, so it is read
+    // again after them; the core alone forwards at the request's arrival.
+    let mut now = if chain.is_empty() && request.delay.is_zero() {
+        started
+    } else {
+        Instant::now()
+    };
+    let deadline = now + upstream.timeout;
     let mut tried: Vec<u32> = Vec::new();
     let mut attempt = 1;
     let (endpoint, sent) = loop {
@@ -339,16 +346,28 @@ async fn proxy(
         };
         let upstream_req = Request::from_parts(parts, try_body);
 
+        // A balancer plugin's pick took time.
+        let forwarding = if balancer.is_some() {
+            Instant::now()
+        } else {
+            now
+        };
         let try_timeout = retries
             .and_then(|r| r.per_try_timeout)
             .unwrap_or(upstream.timeout)
-            .min(deadline.saturating_duration_since(Instant::now()));
-        let forwarding = Instant::now();
+            .min(deadline.saturating_duration_since(forwarding));
         let in_flight = endpoint.begin();
         let exchange = std::pin::pin!(upstream.pool.send(endpoint.id, endpoint.addr, upstream_req));
-        let sent = upstream_timeout(try_timeout, client_wait.as_deref(), exchange).await;
+        let sent = upstream_timeout(
+            forwarding.into(),
+            try_timeout,
+            client_wait.as_deref(),
+            exchange,
+        )
+        .await;
         drop(in_flight);
-        let latency = forwarding.elapsed();
+        now = Instant::now();
+        let latency = now.saturating_duration_since(forwarding);
         let result = match &sent {
             Err(_elapsed) => TryResult::Failed(ErrorKind::Timeout),
             Ok(Err(error)) => {
@@ -365,7 +384,7 @@ async fn proxy(
         match result {
             TryResult::Failed(_) => endpoints.failed(endpoint),
             TryResult::Answered(_) => {
-                endpoints.observe_latency(endpoint, latency);
+                endpoints.observe_latency(endpoint, latency, now);
                 endpoints.succeeded(endpoint);
             }
         }
@@ -377,6 +396,7 @@ async fn proxy(
             let report =
                 policy_outcome(&route.name, &upstream.name, Some(endpoint), status, latency);
             Box::pin(chain.on_outcome(balancer, endpoints, &tables.directory, &report)).await;
+            now = Instant::now();
         }
 
         let Some(retries) = retries.filter(|_| !last_chance) else {
@@ -391,7 +411,7 @@ async fn proxy(
             break (endpoint, sent);
         }
         let backoff = retries.backoff.delay(attempt, fastrand::f64());
-        if Instant::now() + backoff >= deadline || !retries.budget.try_withdraw() {
+        if now + backoff >= deadline || !retries.budget.try_withdraw() {
             break (endpoint, sent);
         }
         tracing::debug!(
@@ -405,6 +425,7 @@ async fn proxy(
         drop(sent);
         tried.push(endpoint.id);
         tokio::time::sleep(backoff).await;
+        now = Instant::now();
         attempt += 1;
     };
 
@@ -439,7 +460,7 @@ async fn proxy(
             outcome,
         );
     };
-    outcome.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+    outcome.upstream_ms = Some(now.saturating_duration_since(started).as_secs_f64() * 1000.0);
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade

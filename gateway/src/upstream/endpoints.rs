@@ -410,11 +410,13 @@ impl EndpointSet {
     /// Folds a response-head latency into the endpoint's peak EWMA: a slower
     /// sample replaces the average, a faster one is blended in by how long
     /// it has been since the last. Concurrent updates may lose a sample.
-    pub(crate) fn observe_latency(&self, endpoint: &Endpoint, latency: Duration) {
+    /// `at` is when the sample ended (the caller has read the clock).
+    pub(crate) fn observe_latency(&self, endpoint: &Endpoint, latency: Duration, at: Instant) {
         // Precision loss is irrelevant for latencies.
         #[allow(clippy::cast_precision_loss)]
         let sample = (latency.as_nanos() as f64 / 1000.0).max(1.0);
-        let now = self.now_ns();
+        let now =
+            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
         let stamp = endpoint.ewma_stamp_ns.swap(now, Ordering::Relaxed);
         let old = f64::from_bits(endpoint.ewma_us.load(Ordering::Relaxed));
         let new = if sample > old {
@@ -834,7 +836,7 @@ mod tests {
     fn ewma_takes_peaks_at_once_and_decays() {
         let set = set(&[endpoint(1, 1, false)], 1);
         let e = &set.endpoints[0];
-        set.observe_latency(e, Duration::from_millis(10));
+        set.observe_latency(e, Duration::from_millis(10), Instant::now());
         let now = set.now_ns();
         let seen = e.latency_ewma_us(now);
         assert!((9_000.0..=10_001.0).contains(&seen), "{seen}");
