@@ -14,6 +14,9 @@
 #   nginx-kaK    nginx, `keepalive K` in the upstream, for each K in NGINX_KEEPALIVES (32: the
 #                setting peers.sh started from; 256: nginx at its best here)     :9201, :9202 ...
 #   haproxy      HAProxy, nbthread N, http-reuse always                          :9301
+#   (with FORWARD_HEADERS=1, the default, nginx and HAProxy add the request headers Sluice adds
+#   to every forwarded request, so that all do the same work; the plain scenario then adds
+#   ref-nginx-bare: nginx-ka256 without them, a reference left out of the × columns  :9290)
 #   sluice-*     target/release/sluice run -c bench/compare-sluice-*.toml --workers N
 # Scenarios (SCENARIOS):
 #   plain  the proxies above; Sluice twice: sluice-rr (builtin Wasm round-robin balancer,
@@ -49,7 +52,9 @@
 #   CONNS="64 256" (wrk -c levels for plain/limit/chain/tls)  DUR=6 (s per wrk run)  WRK_THREADS=1
 #   C10K_CONNS=10000 C10K_THREADS=2 C10K_DUR=10   H2_CLIENTS=64 H2_STREAMS=10 H2_DUR=$DUR
 #   ONLY="nginx-ka256 sluice-native ..." (only these targets, by the names in the tables)
-#   NGINX_KEEPALIVES="32 256"  WARMUP=1 (s per target before the rounds)  OTHER_MAX=15
+#   FORWARD_HEADERS=1 (the peers add the request headers Sluice's core adds: the client's Host,
+#   X-Forwarded-For/-Proto/-Host, Via, x-request-id when absent; 0: they add none, as before
+#   2026-12-03's fifth session)  NGINX_KEEPALIVES="32 256"  WARMUP=1 (s per target before the rounds)  OTHER_MAX=15
 #   MAX_TOTAL=3000 (hard wall-clock cap in s: the whole script runs under timeout(1); runs that
 #   would pass it are skipped and counted)  SLUICE=target/release/sluice  SLUICE_LOG=warn (RUST_LOG)
 #   RESULTS_MD=path (also write the report there)  KEEP=1 (keep the work dir: configs, logs,
@@ -83,6 +88,7 @@ H2_CLIENTS=${H2_CLIENTS:-64}
 H2_STREAMS=${H2_STREAMS:-10}
 H2_DUR=${H2_DUR:-$DUR}
 NGINX_KEEPALIVES=${NGINX_KEEPALIVES:-"32 256"}
+FORWARD_HEADERS=${FORWARD_HEADERS:-1}
 WARMUP=${WARMUP:-1}
 OTHER_MAX=${OTHER_MAX:-15}
 SLUICE=${SLUICE:-$ROOT/target/release/sluice}
@@ -306,9 +312,20 @@ $(nginx_temp "$d")
 EOF
 }
 
-write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tls)
-  local d="$W/$1" listen="listen 127.0.0.1:$2" tls="" zone="" limit="" conns=8192
+write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tls) [forward(1|0)]
+  local d="$W/$1" listen="listen 127.0.0.1:$2" tls="" zone="" limit="" conns=8192 idmap="" fwd=""
   mkdir -p "$d/tmp"
+  if [[ ${6:-$FORWARD_HEADERS} == 1 ]]; then
+    # What Sluice's core adds to every forwarded request (README, "What the gateway adds"):
+    # the client's Host, X-Forwarded-For/-Proto/-Host, Via, and an x-request-id when absent.
+    idmap="map \$http_x_request_id \$req_id { \"\" \$request_id; default \$http_x_request_id; }"
+    fwd="proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header Via \"1.1 nginx\";
+      proxy_set_header X-Request-Id \$req_id;"
+  fi
   case $5 in
     c10k) conns=$NGX_CONNS_MAX ;;
     tls) listen+=" ssl" ;;
@@ -326,6 +343,7 @@ $(nginx_temp "$d")
   keepalive_timeout 65s;
   keepalive_requests 1000000;
   $zone
+  $idmap
   upstream backends {
     server 127.0.0.1:9101;
     server 127.0.0.1:9102;
@@ -340,6 +358,7 @@ $(nginx_temp "$d")
       proxy_pass http://backends;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      $fwd
     }
   }
 }
@@ -347,8 +366,17 @@ EOF
 }
 
 write_haproxy() { # name port threads mode(plain|limit|tls|c10k|h2tls)
-  local d="$W/$1" bind="bind 127.0.0.1:$2" maxconn=8000 limit="" strict=""
+  local d="$W/$1" bind="bind 127.0.0.1:$2" maxconn=8000 limit="" strict="" fwd=""
   mkdir -p "$d"
+  if [[ $FORWARD_HEADERS == 1 ]]; then
+    # The same request headers as Sluice's core and the nginx targets add.
+    fwd="option forwardfor
+  http-request set-header X-Forwarded-Proto https if { ssl_fc }
+  http-request set-header X-Forwarded-Proto http unless { ssl_fc }
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via \"1.1 haproxy\"
+  http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }"
+  fi
   case $4 in
     tls) bind+=" ssl crt $W/tls/combined.pem alpn http/1.1 ssl-min-ver TLSv1.3" ;;
     h2tls) bind+=" ssl crt $W/tls/combined.pem alpn h2,http/1.1 ssl-min-ver TLSv1.3" ;;
@@ -380,6 +408,7 @@ defaults
 frontend fe
   $bind
   $limit
+  $fwd
   default_backend be
 
 backend be
@@ -425,7 +454,11 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
       write_haproxy haproxy 9301 "$w" "$mode"
       add_target haproxy peer http://127.0.0.1:9301/ wrk
       case $s in
-        plain) add_target sluice-rr sluice http://127.0.0.1:9501/ wrk
+        plain) if [[ $FORWARD_HEADERS == 1 ]]; then
+                 write_nginx ref-nginx-bare 9290 "$w" 256 plain 0
+                 add_target ref-nginx-bare ref http://127.0.0.1:9290/ wrk
+               fi
+               add_target sluice-rr sluice http://127.0.0.1:9501/ wrk
                add_target sluice-native sluice http://127.0.0.1:9502/ wrk ;;
         limit) add_target sluice-limit sluice http://127.0.0.1:9503/ wrk ;;
         chain) add_target sluice-chain sluice http://127.0.0.1:9504/ wrk ;;
@@ -458,7 +491,7 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
   local manifest
   for t in "${TARGETS[@]}"; do
     case $t in
-      nginx*) start_nginx "$t" ;;
+      nginx*|ref-nginx*) start_nginx "$t" ;;
       haproxy*) start_haproxy "$t" ;;
       sluice-rr) start_sluice "$t" "$ROOT/bench/compare-sluice-rr.toml" "$w" ;;
       sluice-native|sluice-h2c) start_sluice "$t" "$ROOT/bench/compare-sluice-native.toml" "$w" ;;
