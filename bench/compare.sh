@@ -316,7 +316,7 @@ write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tl
   local d="$W/$1" listen="listen 127.0.0.1:$2" tls="" zone="" limit="" conns=8192 idmap="" fwd=""
   mkdir -p "$d/tmp"
   if [[ ${6:-$FORWARD_HEADERS} == 1 ]]; then
-    # What Sluice's core adds to every forwarded request (README, "What the gateway adds"):
+    # What Sluice's core adds to every forwarded request (README, "What forwarding does"):
     # the client's Host, X-Forwarded-For/-Proto/-Host, Via, and an x-request-id when absent.
     idmap="map \$http_x_request_id \$req_id { \"\" \$request_id; default \$http_x_request_id; }"
     fwd="proxy_set_header Host \$host;
