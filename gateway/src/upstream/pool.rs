@@ -388,8 +388,14 @@ impl Pool {
     }
 }
 
-/// Closes connections idle longer than the timeout, waking when the
-/// oldest expires; ends when none is left idle (the next return starts it
+/// How often the reaper also drops idle connections the upstream has
+/// closed (its own keep-alive timeout, a restart): without it such a socket
+/// would wait in CLOSE_WAIT until the pool next looked at it.
+const CLOSED_SWEEP: Duration = Duration::from_secs(1);
+
+/// Closes connections idle longer than the timeout or closed by the
+/// upstream, waking when the oldest expires and at least every
+/// [`CLOSED_SWEEP`]; ends when none is left idle (the next return starts it
 /// again) or the pool is gone.
 async fn reap(pool: Weak<Inner>) {
     loop {
@@ -407,7 +413,7 @@ async fn reap(pool: Weak<Inner>) {
                 }
             }
             match oldest {
-                Some(since) => since + inner.idle_timeout,
+                Some(since) => (since + inner.idle_timeout).min(now + CLOSED_SWEEP),
                 None => {
                     idle.reaping = false;
                     return;
@@ -516,7 +522,7 @@ mod tests {
     use http_body_util::{BodyExt as _, Full};
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
-    use tokio::io::AsyncWriteExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -619,6 +625,44 @@ mod tests {
         assert_eq!(pool.idle_count(0), 0, "returned with its body unread");
         assert_eq!(read_all(&pool, addr).await, "ok");
         assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closes_is_dropped_without_a_request() {
+        // Answers one request with keep-alive, then closes the connection
+        // 50 ms later, as an upstream with a short keep-alive timeout does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed before the request head");
+                head.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        let pool = Pool::new(8, Duration::from_secs(60), 64, Duration::from_secs(1));
+        assert_eq!(read_all(&pool, addr).await, "ok");
+        assert_eq!(pool.idle_count(0), 1);
+        // Well before the 60 s keep-alive timeout, and with no request to look at it.
+        let deadline = tokio::time::Instant::now() + CLOSED_SWEEP * 4;
+        while pool.idle_count(0) != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the closed connection is still idle in the pool"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.open_count(0), 0, "its slot is given back");
     }
 
     #[tokio::test]
