@@ -325,7 +325,12 @@ impl EndpointSet {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.ns_at(Instant::now())
+    }
+
+    /// `at` in nanoseconds since the epoch.
+    fn ns_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// The candidates now: healthy primaries; else healthy backups; else
@@ -415,8 +420,7 @@ impl EndpointSet {
         // Precision loss is irrelevant for latencies.
         #[allow(clippy::cast_precision_loss)]
         let sample = (latency.as_nanos() as f64 / 1000.0).max(1.0);
-        let now =
-            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        let now = self.ns_at(at);
         let stamp = endpoint.ewma_stamp_ns.swap(now, Ordering::Relaxed);
         let old = f64::from_bits(endpoint.ewma_us.load(Ordering::Relaxed));
         let new = if sample > old {
