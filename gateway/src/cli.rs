@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use tokio::sync::watch;
 
 use crate::admin::{Admin, Control};
-use crate::{Config, Drained, Gateway, Reloader, bind_for_workers, telemetry};
+use crate::{Config, Drained, Gateway, Reloader, Worker, bind_for_workers, telemetry};
 
 /// Exit status for a manifest that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -143,13 +143,14 @@ fn run(path: &Path, workers: Option<usize>, demo: bool) -> ExitCode {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::new();
-    for (index, sockets) in sockets.into_iter().enumerate() {
+    let places = Worker::all(workers);
+    for (index, (sockets, worker)) in sockets.into_iter().zip(places).enumerate() {
         let config = config.clone();
         let stop = stop_rx.clone();
         let ready = ready_tx.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("sluice-worker-{index}"))
-            .spawn(move || serve_worker(&config, sockets, stop, &ready));
+            .spawn(move || serve_worker(&config, sockets, worker, stop, &ready));
         match spawned {
             Ok(thread) => threads.push(thread),
             Err(error) => {
@@ -221,10 +222,12 @@ fn run(path: &Path, workers: Option<usize>, demo: bool) -> ExitCode {
 }
 
 /// One worker thread: a current-thread runtime serving its own sockets with
-/// its own upstream pools, so no request crosses threads.
+/// its own upstream pools, so no request crosses threads (a connection may,
+/// once, when it is accepted: see `proxy::spread`).
 fn serve_worker(
     config: &Config,
     sockets: Vec<std::net::TcpListener>,
+    worker: Worker,
     mut stop: watch::Receiver<bool>,
     ready: &mpsc::Sender<Result<Reloader, String>>,
 ) -> Drained {
@@ -239,7 +242,7 @@ fn serve_worker(
         }
     };
     runtime.block_on(async {
-        let gateway = match Gateway::from_listeners(config, sockets) {
+        let gateway = match Gateway::from_listeners(config, sockets, worker) {
             Ok(gateway) => gateway,
             Err(error) => {
                 let _ = ready.send(Err(error.to_string()));

@@ -23,5 +23,5 @@ mod upstream;
 
 pub use config::{Config, ConfigError};
 pub use plugin::{CallStatsSnapshot, PluginReport};
-pub use proxy::{Drained, Gateway, Reloader, StartError, bind_for_workers};
+pub use proxy::{Drained, Gateway, Reloader, StartError, Worker, bind_for_workers};
 pub use upstream::HealthChecks;

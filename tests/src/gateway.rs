@@ -52,9 +52,9 @@ impl TestGateway {
         let sockets = sluice::bind_for_workers(&config, workers)
             .context("binding the gateway's listeners")?;
         let mut gateways = Vec::with_capacity(sockets.len());
-        for sockets in sockets {
+        for (sockets, worker) in sockets.into_iter().zip(sluice::Worker::all(workers)) {
             gateways.push(
-                sluice::Gateway::from_listeners(&config, sockets)
+                sluice::Gateway::from_listeners(&config, sockets, worker)
                     .context("binding the gateway's listeners")?,
             );
         }

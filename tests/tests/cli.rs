@@ -560,6 +560,63 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
     );
 }
 
+/// The kernel spreads connections over the workers' `SO_REUSEPORT` sockets
+/// by a hash, unevenly (100 connections split 43/57 as often as 50/50); a
+/// worker more than one connection over the other hands new ones to it.
+/// The admin API's `sluice_worker_connections` shows each worker's count.
+#[test]
+fn two_workers_serve_about_as_many_connections_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = slow_backend(Duration::ZERO, "ok");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let text = format!(
+        "[admin]\nlisten = \"{admin}\"\n{}",
+        manifest_for(backend, "")
+    );
+    let path = write_manifest(dir.path(), "spread.toml", &text);
+    let gateway = Running::start(&path);
+
+    // Keep-alive connections opened one after another, each answered once and kept open.
+    let open: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut stream = TcpStream::connect(gateway.addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream
+                .write_all(b"GET /slow HTTP/1.1\r\nhost: test\r\n\r\n")
+                .unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.ends_with(b"\r\n\r\nok") {
+                let n = stream.read(&mut buf).unwrap();
+                assert!(n > 0, "the gateway closed a keep-alive connection");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            stream
+        })
+        .collect();
+
+    let (status, metrics) = get(admin, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let per_worker: Vec<u64> = (0..2)
+        .map(|worker| {
+            let name = format!("sluice_worker_connections{{worker=\"{worker}\"}} ");
+            let line = metrics
+                .lines()
+                .find(|l| l.starts_with(&name))
+                .unwrap_or_else(|| panic!("no {name}in:\n{metrics}"));
+            line[name.len()..].trim().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(per_worker.iter().sum::<u64>(), 100, "{per_worker:?}");
+    assert!(
+        per_worker[0].abs_diff(per_worker[1]) <= 2,
+        "connections per worker: {per_worker:?}"
+    );
+    drop(open);
+}
+
 /// `SLUICE_WASM_PROFILER` takes `perfmap` (or `none`); anything else is
 /// refused by name when the first plugin is loaded, not silently ignored.
 #[test]

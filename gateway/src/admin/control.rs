@@ -161,6 +161,15 @@ impl Control {
         self.inner.reloaders.len()
     }
 
+    /// The client connections each worker serves now, by worker index.
+    pub(crate) fn worker_connections(&self) -> Vec<usize> {
+        self.inner
+            .reloaders
+            .iter()
+            .map(Reloader::open_connections)
+            .collect()
+    }
+
     /// Each listener the workers serve and the address it is bound to,
     /// counting only listeners every worker serves.
     pub(crate) fn bound_listeners(&self) -> Vec<(String, SocketAddr)> {

@@ -649,7 +649,7 @@ fn upstreams(config: &Config) -> Vec<UpstreamStatus> {
 
 /// `GET /metrics`: the Prometheus exposition of the running gateway.
 fn metrics(control: &Control) -> Response<Full<Bytes>> {
-    let text = crate::telemetry::metrics::render(control.config());
+    let text = crate::telemetry::metrics::render(control.config(), control.worker_connections());
     let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

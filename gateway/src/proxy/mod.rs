@@ -16,6 +16,7 @@ mod activity;
 pub(crate) mod body;
 mod forward;
 mod service;
+mod spread;
 pub(crate) mod tls;
 
 use std::future::Future;
@@ -28,7 +29,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,8 @@ use crate::route::RouteTable;
 use crate::upstream::{Directory, Upstream};
 pub use body::ResponseBody;
 use service::ConnectionContext;
+pub use spread::Worker;
+use spread::{Handoff, Load, WorkerSeat};
 
 /// Accept backlog of each listening socket.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -130,6 +133,8 @@ pub enum StartError {
 pub struct Gateway {
     tables: Arc<ArcSwap<Tables>>,
     listeners: Arc<Listeners>,
+    /// Connections other workers accepted for this one to serve.
+    inbox: mpsc::UnboundedReceiver<Handoff>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -153,20 +158,28 @@ pub enum Drained {
 }
 
 impl Gateway {
-    /// Binds every listener of `config`. Must run inside a Tokio runtime.
+    /// Binds every listener of `config`, for one worker. Must run inside a
+    /// Tokio runtime.
     pub async fn bind(config: &Config) -> Result<Gateway, StartError> {
         let mut sockets = bind_for_workers(config, 1)?;
-        Gateway::from_listeners(config, sockets.pop().unwrap_or_default())
+        let worker = Worker::all(1)
+            .pop()
+            .expect("Worker::all(1) makes one worker");
+        Gateway::from_listeners(config, sockets.pop().unwrap_or_default(), worker)
     }
 
     /// A gateway serving already-bound sockets, one per listener in manifest
-    /// order (see [`bind_for_workers`]), with upstream pools of its own.
+    /// order (see [`bind_for_workers`]), with upstream pools of its own, as
+    /// `worker` of its process's workers ([`Worker::all`]): it hands connections to the
+    /// other workers and serves the ones they hand to it, so that each
+    /// serves about as many (see `spread`).
     ///
     /// # Panics
     /// Outside a Tokio runtime: the gateway serves on the runtime it is made on.
     pub fn from_listeners(
         config: &Config,
         sockets: Vec<std::net::TcpListener>,
+        worker: Worker,
     ) -> Result<Gateway, StartError> {
         let tables = Arc::new(ArcSwap::from_pointee(Tables::new(config)));
         let shutdown = CancellationToken::new();
@@ -181,6 +194,7 @@ impl Gateway {
         }
         let listeners = Listeners {
             runtime: tokio::runtime::Handle::current(),
+            seat: worker.seat,
             connections: TaskTracker::new(),
             shutdown,
             state: Mutex::new(ListenerState {
@@ -192,6 +206,7 @@ impl Gateway {
         Ok(Gateway {
             tables,
             listeners: Arc::new(listeners),
+            inbox: worker.inbox,
         })
     }
 
@@ -221,6 +236,7 @@ impl Gateway {
     /// a reload adds meanwhile are served too.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drained {
         self.listeners.start();
+        let handoffs = tokio::spawn(serve_handoffs(self.listeners.clone(), self.inbox));
         shutdown.await;
         // One signal: accept loops stop (closing their sockets), and every
         // connection finishes its in-flight requests and closes.
@@ -228,6 +244,7 @@ impl Gateway {
         for accept in accept_loops {
             let _ = accept.await;
         }
+        let _ = handoffs.await;
         let connections = &self.listeners.connections;
         connections.close();
         let open = connections.len();
@@ -276,6 +293,11 @@ impl Reloader {
         self.listeners.local_addrs()
     }
 
+    /// The client connections this worker serves now, over all its listeners.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.listeners.seat.open_connections()
+    }
+
     /// Swaps in `config`'s plugins (its routes' chains and upstreams'
     /// balancers), keeping this worker's upstream connection pools. For a
     /// config made from the running one by [`Config::with_plugin`], whose
@@ -305,6 +327,8 @@ impl Reloader {
 struct Listeners {
     /// The worker's runtime, where a reload's new accept loops run.
     runtime: tokio::runtime::Handle,
+    /// Which worker this is: its accept loops assign connections by it.
+    seat: WorkerSeat,
     /// Every connection of every listener, removed ones' too, for the drain.
     connections: TaskTracker,
     /// Cancelled at shutdown: every accept loop stops and every connection
@@ -389,13 +413,19 @@ impl ServedListener {
     }
 
     /// Starts accepting on `runtime`, if not already.
-    fn start(&mut self, runtime: &tokio::runtime::Handle, connections: &TaskTracker) {
+    fn start(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        connections: &TaskTracker,
+        seat: &WorkerSeat,
+    ) {
         self.accept = match std::mem::replace(&mut self.accept, Accept::Stopped) {
             Accept::Bound(socket) => Accept::Running(runtime.spawn(accept_loop(
                 self.context.clone(),
                 socket,
                 connections.clone(),
                 self.closing.clone(),
+                seat.clone(),
             ))),
             started => started,
         };
@@ -423,7 +453,7 @@ impl Listeners {
         }
         state.phase = Phase::Serving;
         for listener in &mut state.served {
-            listener.start(&self.runtime, &self.connections);
+            listener.start(&self.runtime, &self.connections, &self.seat);
         }
     }
 
@@ -473,7 +503,7 @@ impl Listeners {
                 ListenerSocket::New(socket) => {
                     let mut added = ServedListener::new(listener, tables, socket, &self.shutdown);
                     if state.phase == Phase::Serving {
-                        added.start(&self.runtime, &self.connections);
+                        added.start(&self.runtime, &self.connections, &self.seat);
                     }
                     added
                 }
@@ -748,12 +778,14 @@ fn http_builder(listener: &ListenerConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts on `socket` until the listener closes. Each connection takes
-/// the listener's settings current when it is accepted.
+/// the listener's settings current when it is accepted, and is served by
+/// this worker or handed to a less loaded one (see `spread`).
 async fn accept_loop(
     settings: Arc<ArcSwap<ListenerContext>>,
     socket: TcpListener,
     connections: TaskTracker,
     closing: Closing,
+    seat: WorkerSeat,
 ) {
     let mut limit = settings.load().config.max_connections;
     let mut slots = Arc::new(Semaphore::new(limit));
@@ -786,14 +818,123 @@ async fn accept_loop(
                 continue;
             }
         };
-        let closing = closing.clone();
-        let open = closing.open.token();
-        connections.spawn(async move {
-            serve_connection(context, stream, peer, &closing).await;
-            drop(open);
-            drop(permit);
-        });
+        let load = seat.assign();
+        if load.worker() == seat.index() {
+            spawn_connection(
+                &connections,
+                context,
+                stream,
+                peer,
+                &closing,
+                (permit, load),
+            );
+            continue;
+        }
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "cannot hand a connection to another worker; closed");
+                continue;
+            }
+        };
+        let handoff = Handoff {
+            listener: context.name.clone(),
+            stream,
+            peer,
+            permit,
+            load,
+        };
+        // The other worker has stopped (a shutdown is under way): serve it here.
+        if let Err(back) = seat.hand_off(handoff) {
+            let Handoff { stream, permit, .. } = back;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    let held = (permit, seat.count_here());
+                    spawn_connection(&connections, context, stream, peer, &closing, held);
+                }
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "cannot serve an accepted connection; closed")
+                }
+            }
+        }
     }
+}
+
+/// Serves the connections other workers hand to this one, each under this
+/// worker's listener of the name it was accepted by, until shutdown.
+async fn serve_handoffs(listeners: Arc<Listeners>, mut inbox: mpsc::UnboundedReceiver<Handoff>) {
+    loop {
+        let handoff = tokio::select! {
+            handoff = inbox.recv() => match handoff {
+                Some(handoff) => handoff,
+                None => return,
+            },
+            () = listeners.shutdown.cancelled() => return,
+        };
+        listeners.serve_handoff(handoff);
+    }
+}
+
+impl Listeners {
+    /// Serves `handoff` as its listener's connection on this worker. A
+    /// listener a reload has removed here meanwhile closes it unserved, as
+    /// it would a connection still in its backlog.
+    fn serve_handoff(&self, handoff: Handoff) {
+        let Handoff {
+            listener,
+            stream,
+            peer,
+            permit,
+            load,
+        } = handoff;
+        let served = self
+            .state()
+            .served
+            .iter()
+            .find(|l| l.name == listener)
+            .map(|l| (l.context.load_full(), l.closing.clone()));
+        let Some((context, closing)) = served else {
+            tracing::debug!(listener = &*listener, %peer, "handed a connection for a listener this worker no longer serves; closed");
+            return;
+        };
+        if closing.graceful.is_cancelled() {
+            return;
+        }
+        match TcpStream::from_std(stream) {
+            Ok(stream) => {
+                spawn_connection(
+                    &self.connections,
+                    context,
+                    stream,
+                    peer,
+                    &closing,
+                    (permit, load),
+                );
+            }
+            Err(error) => {
+                tracing::debug!(%peer, %error, "cannot serve a handed-over connection; closed")
+            }
+        }
+    }
+}
+
+/// Serves `stream` in a task of `connections`, holding `held` (the
+/// listener's `max_connections` slot and the worker's count) until it closes.
+fn spawn_connection(
+    connections: &TaskTracker,
+    context: Arc<ListenerContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    closing: &Closing,
+    held: (OwnedSemaphorePermit, Load),
+) {
+    let closing = closing.clone();
+    let open = closing.open.token();
+    connections.spawn(async move {
+        serve_connection(context, stream, peer, &closing).await;
+        drop(open);
+        drop(held);
+    });
 }
 
 async fn serve_connection(

@@ -128,11 +128,15 @@ impl ChangeCounts {
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The whole exposition for `config`, in the OpenMetrics text format
-/// (which Prometheus scrapes natively).
-pub(crate) fn render(config: Arc<Config>) -> String {
+/// The whole exposition for `config`, served by workers with
+/// `worker_connections` client connections each, in the OpenMetrics text
+/// format (which Prometheus scrapes natively).
+pub(crate) fn render(config: Arc<Config>, worker_connections: Vec<usize>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Snapshot { config }));
+    registry.register_collector(Box::new(Snapshot {
+        config,
+        worker_connections,
+    }));
     let mut text = String::with_capacity(16 << 10);
     // Writing to a String cannot fail; a collector error would be a bug here.
     if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &registry) {
@@ -143,10 +147,11 @@ pub(crate) fn render(config: Arc<Config>) -> String {
 }
 
 /// What a scrape reads: the running config (routes, listeners, upstreams,
-/// plugins, change counters).
+/// plugins, change counters) and each worker's connection count.
 #[derive(Debug)]
 struct Snapshot {
     config: Arc<Config>,
+    worker_connections: Vec<usize>,
 }
 
 /// Writes one metric family: its descriptor, then each member's labels and
@@ -254,6 +259,21 @@ impl Collector for Snapshot {
                 let open = load(&c.accepted).saturating_sub(load(&c.closed));
                 (l, i64::try_from(open).unwrap_or(i64::MAX))
             }),
+            gauge,
+        )?;
+
+        family(
+            e,
+            "sluice_worker_connections",
+            "Client connections each worker thread serves now (accepted connections are spread evenly).",
+            MetricType::Gauge,
+            self.worker_connections
+                .iter()
+                .enumerate()
+                .map(|(worker, &open)| {
+                    let open = i64::try_from(open).unwrap_or(i64::MAX);
+                    (label("worker", &worker.to_string()), open)
+                }),
             gauge,
         )?;
 
