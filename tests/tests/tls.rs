@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::client::{H1, H2, admin_send, fetch, get};
+use sluice_tests::client::{H1, H2, admin_get, admin_send, fetch, get};
 use sluice_tests::tls::{
     TestCa, TestCert, accept_any_config, alpn_protocol, peer_certificate, tls_connect,
 };
@@ -23,6 +23,11 @@ struct TlsSetup {
 }
 
 async fn tls_setup() -> anyhow::Result<TlsSetup> {
+    tls_setup_on(1).await
+}
+
+/// [`tls_setup`] served by `workers` workers, with an admin API.
+async fn tls_setup_on(workers: usize) -> anyhow::Result<TlsSetup> {
     let ca = TestCa::new()?;
     let a = ca.issue(&["a.example.com"])?;
     let b = ca.issue(&["b.example.com"])?;
@@ -37,12 +42,13 @@ async fn tls_setup() -> anyhow::Result<TlsSetup> {
         b_cert.display().to_string(),
         b_key.display().to_string(),
     );
-    let gateway = Manifest::new()
+    let manifest = Manifest::new()
+        .raw("[admin]\nlisten = \"127.0.0.1:0\"")
         .listener("tls", &tls)
         .upstream("app", &[origin.addr()], "")
         .route("all", "{}", "app", "")
-        .start()
-        .await?;
+        .build();
+    let gateway = TestGateway::start_with_workers(&manifest, workers).await?;
     Ok(TlsSetup {
         ca,
         a,
@@ -143,6 +149,49 @@ async fn https_request_reaches_origin_marked_as_https() -> anyhow::Result<()> {
         http::Version::HTTP_11,
         "TLS is terminated: plain HTTP/1.1 to the origin"
     );
+    Ok(())
+}
+
+/// With two workers a connection may be accepted by one and handed to the
+/// other before its handshake (see `proxy::spread`): every TLS connection
+/// is served, and the workers end up with about as many each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_are_spread_over_two_workers_and_all_served() -> anyhow::Result<()> {
+    let setup = tls_setup_on(2).await?;
+    let addr = setup.gateway.addr("tls");
+    let mut open = Vec::new();
+    for i in 0..40 {
+        let stream = tls_connect(
+            addr,
+            "b.example.com",
+            setup.ca.client_config(&[b"http/1.1"])?,
+        )
+        .await?;
+        let mut conn = H1::over(stream).await?;
+        let reply = conn
+            .request(get("b.example.com", &format!("/n/{i}")))
+            .await?;
+        assert_eq!(reply.status, 200, "connection {i}: {}", reply.excerpt());
+        assert_eq!(reply.json()?["path"], format!("/n/{i}"));
+        open.push(conn);
+    }
+    let metrics = admin_get(setup.gateway.admin_addr(), "/metrics", None).await?;
+    let text = metrics.text();
+    let per_worker: Vec<u64> = (0..2)
+        .map(|worker| {
+            let name = format!("sluice_worker_connections{{worker=\"{worker}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&name))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name}in:\n{text}"))
+        })
+        .collect();
+    assert_eq!(per_worker.iter().sum::<u64>(), 40, "{per_worker:?}");
+    assert!(
+        per_worker[0].abs_diff(per_worker[1]) <= 2,
+        "connections per worker: {per_worker:?}"
+    );
+    drop(open);
     Ok(())
 }
 
