@@ -553,3 +553,45 @@ async fn admin_upstreams_shows_live_endpoint_state_behind_a_token() -> anyhow::R
     assert_eq!(missing.status, 404);
     Ok(())
 }
+
+/// The core rotation passes over an endpoint whose connections are all
+/// busy at `max_connections` while another has room (HAProxy's round-robin
+/// skips a full server): a stalled backend makes no request wait that the
+/// other could serve at once. Here `slow` holds its one connection for
+/// 1.5 s; the four requests sent meanwhile all go to `fast` without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_rotation_passes_over_an_endpoint_with_every_connection_busy() -> anyhow::Result<()>
+{
+    let slow = Origin::start("slow", Mode::Delay(Duration::from_millis(1500))).await?;
+    let fast = Origin::echo("fast").await?;
+    let gw = gateway(
+        &format!(
+            "{}\nmax_connections = 1",
+            endpoint_tables(&[&slow, &fast], &[])
+        ),
+        "",
+    )
+    .await?;
+    let addr = gw.addr("web");
+    // Requests until one is held at `slow` (the rotation may start at either).
+    let mut held = Vec::new();
+    while slow.requests() == 0 {
+        held.push(tokio::spawn(sequence(addr, 1)));
+        within("a request to reach an origin", WAIT, async {
+            while slow.requests() == 0 && fast.requests() < held.len() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await?;
+    }
+    let started = std::time::Instant::now();
+    let served = sequence(addr, 4).await?;
+    let took = started.elapsed();
+    assert_eq!(served, ["fast", "fast", "fast", "fast"], "took {took:?}");
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+    for request in held {
+        let origins = request.await??;
+        assert!(origins == ["slow"] || origins == ["fast"], "{origins:?}");
+    }
+    Ok(())
+}

@@ -25,7 +25,7 @@ use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::{Endpoint, EndpointSet, SendError, TryResult, Upgraded};
+use crate::upstream::{Endpoint, EndpointSet, Pool, SendError, TryResult, Upgraded};
 
 /// Everything a request needs to know about its connection.
 #[derive(Debug)]
@@ -299,7 +299,8 @@ async fn proxy(
     let mut tried: Vec<u32> = Vec::new();
     let mut attempt = 1;
     let (endpoint, sent) = loop {
-        let (back, picked) = pick_endpoint(request, endpoints, balancer, &tried).await;
+        let (back, picked) =
+            pick_endpoint(request, endpoints, &upstream.pool, balancer, &tried).await;
         request = back;
         let endpoint = match picked {
             Ok(Some(endpoint)) => endpoint,
@@ -486,21 +487,21 @@ async fn proxy(
 
 /// Picks the endpoint for a try: the balancer plugin's choice (or, on its
 /// failure with `on_error = "open"`, the core's), or the core's weighted
-/// rotation. A retry avoids the endpoints in `tried` while any other is a
-/// candidate. `Err` names a `closed` balancer that failed.
+/// rotation. The core passes over endpoints whose connections in `pool`
+/// are all busy at `max_connections` while another has room, as HAProxy's
+/// round-robin skips a full server: a stalled backend then costs no wait
+/// to requests the other backends could serve at once. A plugin's pick is
+/// kept as it is. A retry avoids the endpoints in `tried` while any other
+/// is a candidate. `Err` names a `closed` balancer that failed.
 async fn pick_endpoint<'a>(
     request: RequestState,
     endpoints: &'a Arc<EndpointSet>,
+    pool: &Pool,
     balancer: Option<&Arc<Plugin>>,
     tried: &[u32],
 ) -> (RequestState, Result<Option<&'a Endpoint>, Arc<str>>) {
     let Some(balancer) = balancer else {
-        let picked = if tried.is_empty() {
-            endpoints.pick_weighted()
-        } else {
-            endpoints.pick_weighted_untried(tried)
-        };
-        return (request, Ok(picked));
+        return (request, Ok(core_pick(endpoints, pool, tried)));
     };
     let candidates = endpoints.candidates();
     if candidates.len() == 0 {
@@ -510,7 +511,7 @@ async fn pick_endpoint<'a>(
     let picked = match picked {
         Ok(position) => position.and_then(|p| endpoints.at(&candidates, p)),
         Err(failure) => match apply_on_error(balancer, "pick", &failure) {
-            None => endpoints.pick_weighted(),
+            None => core_pick(endpoints, pool, &[]),
             Some(_) => return (request, Err(balancer.name.clone())),
         },
     };
@@ -520,6 +521,19 @@ async fn pick_endpoint<'a>(
         return (request, Ok(endpoints.pick_weighted_untried(tried)));
     }
     (request, Ok(picked))
+}
+
+/// The core's weighted rotation: the next endpoint with room in `pool`
+/// (see [`pick_endpoint`]), else the next one; for a retry, the next
+/// untried one with room, else the next untried one.
+fn core_pick<'a>(endpoints: &'a EndpointSet, pool: &Pool, tried: &[u32]) -> Option<&'a Endpoint> {
+    if tried.is_empty() {
+        return endpoints.pick_weighted_where(|id| pool.has_room(id));
+    }
+    endpoints
+        .pick_weighted_where(|id| !tried.contains(&id) && pool.has_room(id))
+        .filter(|e| !tried.contains(&e.id) && pool.has_room(e.id))
+        .or_else(|| endpoints.pick_weighted_untried(tried))
 }
 
 /// The outcome record policies learn from.

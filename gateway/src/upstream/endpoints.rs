@@ -376,15 +376,23 @@ impl EndpointSet {
     /// The core's pick for a retry: the next endpoint in the rotation that
     /// is not in `tried`, or the plain next one when every candidate was tried.
     pub(crate) fn pick_weighted_untried(&self, tried: &[u32]) -> Option<&Endpoint> {
+        self.pick_weighted_where(|id| !tried.contains(&id))
+    }
+
+    /// The next endpoint in the rotation that is `usable`, or the plain
+    /// next one when no candidate is. Takes one turn of the rotation
+    /// however far it looks, so the endpoints it passes over are not
+    /// owed turns later.
+    pub(crate) fn pick_weighted_where(&self, usable: impl Fn(u32) -> bool) -> Option<&Endpoint> {
         let set = self.candidates();
         let len = u64::try_from(set.rotation.len()).ok().filter(|l| *l > 0)?;
         let start = self.next_turn();
-        let untried = (0..len).find_map(|step| {
+        let found = (0..len).find_map(|step| {
             let turn = usize::try_from(start.wrapping_add(step) % len).ok()?;
             let id = *set.ids.get(usize::try_from(set.rotation[turn]).ok()?)?;
-            (!tried.contains(&id)).then_some(id)
+            usable(id).then_some(id)
         });
-        let id = match untried {
+        let id = match found {
             Some(id) => id,
             None => {
                 let turn = usize::try_from(start % len).ok()?;

@@ -286,6 +286,18 @@ impl Pool {
         &mut idle.by_endpoint[index]
     }
 
+    /// Whether a request for endpoint `id` would be sent now rather than
+    /// wait: nobody waits there, and it has an idle connection or room to
+    /// open one. (An idle connection the upstream has closed counts: the
+    /// request would find out and open another.)
+    pub(crate) fn has_room(&self, id: u32) -> bool {
+        let mut idle = self.lock();
+        let endpoint = Pool::endpoint(&mut idle, id);
+        endpoint.waiting == 0
+            && (!endpoint.connections.is_empty()
+                || endpoint.gate.open.load(Ordering::Acquire) < self.inner.max_connections)
+    }
+
     /// The most recently returned idle connection to endpoint `id` that is
     /// still open and has not expired; else room for a new one; else the
     /// gate to wait at. `queued` says whether the caller is counted among
