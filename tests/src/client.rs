@@ -278,3 +278,21 @@ pub fn channel_body(capacity: usize) -> (mpsc::Sender<Bytes>, ChannelBody) {
     let boxed: BoxStream<'static, Result<Frame<Bytes>, Infallible>> = Box::pin(stream);
     (tx, StreamBody::new(boxed))
 }
+
+/// Each worker's `sluice_worker_connections` in a `/metrics` exposition,
+/// by worker index, for `workers` workers.
+///
+/// # Panics
+/// When a worker's line is missing: the gateway did not export it.
+pub fn worker_connections(metrics: &str, workers: usize) -> Vec<u64> {
+    (0..workers)
+        .map(|worker| {
+            let name = format!("sluice_worker_connections{{worker=\"{worker}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&name))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name}in:\n{metrics}"))
+        })
+        .collect()
+}

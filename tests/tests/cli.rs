@@ -599,16 +599,7 @@ fn two_workers_serve_about_as_many_connections_each() {
 
     let (status, metrics) = get(admin, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
-    let per_worker: Vec<u64> = (0..2)
-        .map(|worker| {
-            let name = format!("sluice_worker_connections{{worker=\"{worker}\"}} ");
-            let line = metrics
-                .lines()
-                .find(|l| l.starts_with(&name))
-                .unwrap_or_else(|| panic!("no {name}in:\n{metrics}"));
-            line[name.len()..].trim().parse().unwrap()
-        })
-        .collect();
+    let per_worker = sluice_tests::client::worker_connections(&metrics, 2);
     assert_eq!(per_worker.iter().sum::<u64>(), 100, "{per_worker:?}");
     assert!(
         per_worker[0].abs_diff(per_worker[1]) <= 2,

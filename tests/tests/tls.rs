@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::client::{H1, H2, admin_get, admin_send, fetch, get};
+use sluice_tests::client::{H1, H2, admin_get, admin_send, fetch, get, worker_connections};
 use sluice_tests::tls::{
     TestCa, TestCert, accept_any_config, alpn_protocol, peer_certificate, tls_connect,
 };
@@ -177,15 +177,7 @@ async fn tls_connections_are_spread_over_two_workers_and_all_served() -> anyhow:
     }
     let metrics = admin_get(setup.gateway.admin_addr(), "/metrics", None).await?;
     let text = metrics.text();
-    let per_worker: Vec<u64> = (0..2)
-        .map(|worker| {
-            let name = format!("sluice_worker_connections{{worker=\"{worker}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&name))
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {name}in:\n{text}"))
-        })
-        .collect();
+    let per_worker = worker_connections(&text, 2);
     assert_eq!(per_worker.iter().sum::<u64>(), 40, "{per_worker:?}");
     assert!(
         per_worker[0].abs_diff(per_worker[1]) <= 2,
