@@ -3,7 +3,9 @@
 //! next, when the response body has been read to its end. At most
 //! `max_connections` are open to an endpoint at once (busy or idle); a
 //! request that finds none free waits for one (HAProxy's server `maxconn`
-//! queue), within the upstream's `timeout`.
+//! queue), within the upstream's `timeout`. The core balancer asks
+//! [`Pool::has_room`] first and passes over a full endpoint while another
+//! has room, so only a plugin's pick or an upstream full everywhere waits.
 //!
 //! A worker's requests never cross threads, so the lock around the idle
 //! lists is never contended; taking and returning a connection is a push
