@@ -109,6 +109,15 @@ impl Workers {
     fn open(&self, index: usize) -> usize {
         self.seats[index].open.load(Ordering::Relaxed)
     }
+
+    /// Counts one more connection for worker `index`, until the load drops.
+    fn count(self: &Arc<Self>, index: usize) -> Load {
+        self.seats[index].open.fetch_add(1, Ordering::Relaxed);
+        Load {
+            workers: self.clone(),
+            index,
+        }
+    }
 }
 
 impl WorkerSeat {
@@ -132,12 +141,7 @@ impl WorkerSeat {
             .map(|index| (index, workers.open(index)))
             .min_by_key(|&(_, open)| open)
             .unwrap_or((self.index, mine));
-        let index = if mine > fewest + 1 { least } else { self.index };
-        workers.seats[index].open.fetch_add(1, Ordering::Relaxed);
-        Load {
-            workers: workers.clone(),
-            index,
-        }
+        workers.count(if mine > fewest + 1 { least } else { self.index })
     }
 
     /// Sends `handoff` to the worker its load is counted for. Gives it
@@ -149,13 +153,7 @@ impl WorkerSeat {
 
     /// A load counted for this worker, for a connection it serves itself.
     pub(crate) fn count_here(&self) -> Load {
-        self.workers.seats[self.index]
-            .open
-            .fetch_add(1, Ordering::Relaxed);
-        Load {
-            workers: self.workers.clone(),
-            index: self.index,
-        }
+        self.workers.count(self.index)
     }
 }
 
@@ -174,6 +172,10 @@ mod tests {
         Worker::all(count).into_iter().map(|w| w.seat).collect()
     }
 
+    fn counts(seats: &[WorkerSeat]) -> Vec<usize> {
+        seats.iter().map(WorkerSeat::open_connections).collect()
+    }
+
     #[test]
     fn a_worker_keeps_connections_while_it_is_at_most_one_over_the_least_loaded() {
         let seats = seats(2);
@@ -189,24 +191,12 @@ mod tests {
     fn closed_connections_are_uncounted_and_new_ones_refill_the_emptier_worker() {
         let seats = seats(3);
         let mut loads: Vec<Load> = (0..6).map(|_| seats[2].assign()).collect();
-        assert_eq!(
-            seats
-                .iter()
-                .map(WorkerSeat::open_connections)
-                .collect::<Vec<_>>(),
-            [2, 1, 3]
-        );
+        assert_eq!(counts(&seats), [2, 1, 3]);
         // Worker 1's client leaves; the next two arrivals at worker 2 go there.
         loads.retain(|l| l.worker() != 1);
         assert_eq!(seats[1].open_connections(), 0);
         loads.extend((0..2).map(|_| seats[2].assign()));
-        assert_eq!(
-            seats
-                .iter()
-                .map(WorkerSeat::open_connections)
-                .collect::<Vec<_>>(),
-            [2, 2, 3]
-        );
+        assert_eq!(counts(&seats), [2, 2, 3]);
         drop(loads);
         assert!(seats.iter().all(|s| s.open_connections() == 0));
     }
@@ -222,11 +212,7 @@ mod tests {
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .unwrap();
-        let load = Load {
-            workers: seat.workers.clone(),
-            index: 1,
-        };
-        seat.workers.seats[1].open.fetch_add(1, Ordering::Relaxed);
+        let load = seat.workers.count(1);
         let handoff = Handoff {
             listener: Arc::from("l"),
             peer: stream.local_addr().unwrap(),
