@@ -595,3 +595,160 @@ async fn the_core_rotation_passes_over_an_endpoint_with_every_connection_busy() 
     }
     Ok(())
 }
+
+/// Holds one request at each of `origins` (each at `max_connections = 1`),
+/// so that every endpoint is full; returns the held requests.
+async fn fill(
+    addr: SocketAddr,
+    origins: &[&Origin],
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<Vec<String>>>>> {
+    let mut held = Vec::new();
+    for _ in origins {
+        held.push(tokio::spawn(sequence(addr, 1)));
+    }
+    within("a request held at every origin", WAIT, async {
+        while origins.iter().any(|o| o.requests() == 0) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await?;
+    Ok(held)
+}
+
+/// With every endpoint full, a request waits in the upstream's queue and
+/// goes to whichever endpoint frees a connection first (HAProxy's backend
+/// queue), not to the one the rotation happens to name: here `slow` holds
+/// its one connection for 3 s and `quick` answers each request in 200 ms,
+/// so the three requests that found both full are all served by `quick`,
+/// one after another, while `slow` is still busy. While they wait,
+/// `/upstreams` and `/metrics` count them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_endpoint_full_a_request_waits_for_the_first_to_free() -> anyhow::Result<()> {
+    let slow = Origin::start("slow", Mode::Delay(Duration::from_millis(3000))).await?;
+    let quick = Origin::start("quick", Mode::Delay(Duration::from_millis(200))).await?;
+    let gw = gateway(
+        &format!(
+            "{}
+max_connections = 1",
+            endpoint_tables(&[&slow, &quick], &[])
+        ),
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await?;
+    let addr = gw.addr("web");
+    let held = fill(addr, &[&slow, &quick]).await?;
+
+    let started = std::time::Instant::now();
+    let waiting: Vec<_> = (0..3).map(|_| tokio::spawn(sequence(addr, 1))).collect();
+    // All three wait: both endpoints are full.
+    within("three requests in the upstream's queue", WAIT, async {
+        loop {
+            let json = admin_get(gw.admin_addr(), "/upstreams", None)
+                .await?
+                .json()?;
+            if json[0]["queued"].as_u64().unwrap_or(0) >= 2 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await??;
+    let metrics = admin_get(gw.admin_addr(), "/metrics", None).await?;
+    assert!(
+        metrics
+            .text()
+            .contains("sluice_upstream_queued{upstream=\"app\"}"),
+        "{}",
+        metrics.excerpt()
+    );
+    let mut served = Vec::new();
+    for request in waiting {
+        served.extend(request.await??);
+    }
+    let took = started.elapsed();
+    assert_eq!(served, ["quick", "quick", "quick"], "took {took:?}");
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    assert_eq!(slow.requests(), 1, "only the held request reached slow");
+    let json = admin_get(gw.admin_addr(), "/upstreams", None)
+        .await?
+        .json()?;
+    assert_eq!(json[0]["queued"], 0, "{json}");
+    for request in held {
+        request.await??;
+    }
+    Ok(())
+}
+
+/// A request that waits in the upstream's queue past the upstream's
+/// `timeout` is answered 503 `queue-timeout` when the timeout passes, and
+/// leaves the queue. The endpoints are held by uploads whose clients stall
+/// (time waiting for a client does not count against `timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_past_the_upstream_timeout_is_answered_503() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+
+    let a = Origin::echo("a").await?;
+    let b = Origin::echo("b").await?;
+    let gw = gateway(
+        &format!(
+            "{}\nmax_connections = 1\ntimeout = \"300ms\"",
+            endpoint_tables(&[&a, &b], &[])
+        ),
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await?;
+    let addr = gw.addr("web");
+    let in_flight = || async {
+        let json = admin_get(gw.admin_addr(), "/upstreams", None)
+            .await?
+            .json()?;
+        let endpoints = json[0]["endpoints"].as_array().cloned().unwrap_or_default();
+        anyhow::Ok(
+            endpoints
+                .iter()
+                .map(|e| e["in_flight"].as_u64().unwrap_or(0))
+                .sum::<u64>(),
+        )
+    };
+    let mut uploads = Vec::new();
+    for _ in 0..2 {
+        let mut upload = tokio::net::TcpStream::connect(addr).await?;
+        upload
+            .write_all(b"POST / HTTP/1.1\r\nhost: app.test\r\ncontent-length: 100\r\n\r\nabc")
+            .await?;
+        uploads.push(upload);
+    }
+    within("both endpoints busy with a stalled upload", WAIT, async {
+        while in_flight().await? < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+
+    let started = std::time::Instant::now();
+    let reply = H1::connect(addr)
+        .await?
+        .request(get("app.test", "/"))
+        .await?;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 503, "{}", reply.excerpt());
+    assert!(
+        reply.text().contains("no upstream connection came free"),
+        "{}",
+        reply.excerpt()
+    );
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+    let json = admin_get(gw.admin_addr(), "/upstreams", None)
+        .await?
+        .json()?;
+    assert_eq!(json[0]["queued"], 0, "{json}");
+    assert_eq!(
+        a.requests() + b.requests(),
+        2,
+        "only the uploads reached an origin"
+    );
+    drop(uploads);
+    Ok(())
+}

@@ -628,6 +628,8 @@ struct UpstreamStatus {
     /// Breaker states plugins reported for the whole upstream, by plugin.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     circuits: std::collections::BTreeMap<String, CircuitStatus>,
+    /// Requests waiting in the upstream's queue for a connection, every endpoint being full.
+    queued: usize,
     endpoints: Vec<EndpointStatus>,
 }
 
@@ -642,6 +644,7 @@ fn upstreams(config: &Config) -> Vec<UpstreamStatus> {
                 .as_ref()
                 .map_or_else(|| "weighted (core)".to_string(), |b| b.name.to_string()),
             circuits: u.endpoint_set.circuits(None),
+            queued: u.endpoint_set.queued(),
             endpoints: u.endpoint_set.status(u.health.is_some()),
         })
         .collect()

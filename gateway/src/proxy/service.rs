@@ -25,7 +25,9 @@ use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
 use crate::route::{RequestFacts, request_host};
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::{self, AccessRecord};
-use crate::upstream::{Endpoint, EndpointSet, Pool, SendError, TryResult, Upgraded};
+use crate::upstream::{
+    Endpoint, EndpointSet, Pool, QueuePlace, QueuedCount, Rotated, SendError, TryResult, Upgraded,
+};
 
 /// Everything a request needs to know about its connection.
 #[derive(Debug)]
@@ -299,8 +301,15 @@ async fn proxy(
     let mut tried: Vec<u32> = Vec::new();
     let mut attempt = 1;
     let (endpoint, sent) = loop {
-        let (back, picked) =
-            pick_endpoint(request, endpoints, &upstream.pool, balancer, &tried).await;
+        let (back, picked, queued) = pick_endpoint(
+            request,
+            endpoints,
+            &upstream.pool,
+            balancer,
+            &tried,
+            deadline,
+        )
+        .await;
         request = back;
         let endpoint = match picked {
             Ok(Some(endpoint)) => endpoint,
@@ -323,7 +332,26 @@ async fn proxy(
                     outcome,
                 );
             }
-            Err(plugin) => return policy_failed(plugin, outcome),
+            Err(PickFailed::Policy(plugin)) => return policy_failed(plugin, outcome),
+            Err(PickFailed::QueueTimedOut) => {
+                if learns {
+                    let report = policy_outcome(
+                        &route.name,
+                        &upstream.name,
+                        None,
+                        Err(ErrorKind::Timeout),
+                        upstream.timeout,
+                    );
+                    Box::pin(chain.on_outcome(balancer, endpoints, &tables.directory, &report))
+                        .await;
+                }
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no upstream connection came free within the upstream's timeout\n",
+                    "queue-timeout",
+                    outcome,
+                );
+            }
         };
         outcome.endpoint = Some(endpoint.addr);
         outcome.attempts = attempt;
@@ -347,8 +375,8 @@ async fn proxy(
         };
         let upstream_req = Request::from_parts(parts, try_body);
 
-        // A balancer plugin's pick took time.
-        let forwarding = if balancer.is_some() {
+        // A balancer plugin's pick, or the upstream's queue, took time.
+        let forwarding = if balancer.is_some() || queued {
             Instant::now()
         } else {
             now
@@ -485,55 +513,111 @@ async fn proxy(
     response.map(ResponseBody::upstream)
 }
 
+/// Why no endpoint was picked for a try, other than there being none.
+enum PickFailed {
+    /// A `closed` balancer plugin failed; it is named.
+    Policy(Arc<str>),
+    /// Every endpoint stayed full until the upstream's deadline.
+    QueueTimedOut,
+}
+
 /// Picks the endpoint for a try: the balancer plugin's choice (or, on its
 /// failure with `on_error = "open"`, the core's), or the core's weighted
 /// rotation. The core passes over endpoints whose connections in `pool`
 /// are all busy at `max_connections` while another has room, as HAProxy's
 /// round-robin skips a full server: a stalled backend then costs no wait
-/// to requests the other backends could serve at once. A plugin's pick is
-/// kept as it is. A retry avoids the endpoints in `tried` while any other
-/// is a candidate. `Err` names a `closed` balancer that failed.
+/// to requests the other backends could serve at once. When all are full,
+/// a first try waits in the upstream's queue until `deadline` and goes to
+/// whichever endpoint frees a connection first (HAProxy's backend queue);
+/// the third value says it waited. A plugin's pick is kept as it is, and
+/// waits at its endpoint. A retry avoids the endpoints in `tried` while
+/// any other is a candidate, and waits at the one it picks.
 async fn pick_endpoint<'a>(
     request: RequestState,
     endpoints: &'a Arc<EndpointSet>,
     pool: &Pool,
     balancer: Option<&Arc<Plugin>>,
     tried: &[u32],
-) -> (RequestState, Result<Option<&'a Endpoint>, Arc<str>>) {
+    deadline: Instant,
+) -> (RequestState, Result<Option<&'a Endpoint>, PickFailed>, bool) {
     let Some(balancer) = balancer else {
-        return (request, Ok(core_pick(endpoints, pool, tried)));
+        if !tried.is_empty() {
+            return (request, Ok(core_retry_pick(endpoints, pool, tried)), false);
+        }
+        let (picked, queued) = core_pick(endpoints, pool, deadline).await;
+        return (request, picked, queued);
     };
     let candidates = endpoints.candidates();
     if candidates.len() == 0 {
-        return (request, Ok(None));
+        return (request, Ok(None), false);
     }
     let (request, picked) = Box::pin(balancer.pick(request, endpoints, &candidates)).await;
     let picked = match picked {
         Ok(position) => position.and_then(|p| endpoints.at(&candidates, p)),
         Err(failure) => match apply_on_error(balancer, "pick", &failure) {
-            None => core_pick(endpoints, pool, &[]),
-            Some(_) => return (request, Err(balancer.name.clone())),
+            None => core_retry_pick(endpoints, pool, tried),
+            Some(_) => {
+                return (
+                    request,
+                    Err(PickFailed::Policy(balancer.name.clone())),
+                    false,
+                );
+            }
         },
     };
     let retry_elsewhere = picked.is_some_and(|e| tried.contains(&e.id))
         && candidates.ids.iter().any(|id| !tried.contains(id));
     if retry_elsewhere {
-        return (request, Ok(endpoints.pick_weighted_untried(tried)));
+        return (request, Ok(endpoints.pick_weighted_untried(tried)), false);
     }
-    (request, Ok(picked))
+    (request, Ok(picked), false)
 }
 
-/// The core's weighted rotation: the next endpoint with room in `pool`
-/// (see [`pick_endpoint`]), else the next one; for a retry, the next
-/// untried one with room, else the next untried one.
-fn core_pick<'a>(endpoints: &'a EndpointSet, pool: &Pool, tried: &[u32]) -> Option<&'a Endpoint> {
-    if tried.is_empty() {
-        return endpoints.pick_weighted_where(|id| pool.has_room(id));
+/// The core's weighted rotation for a first try: the next endpoint with
+/// room in `pool`; when every one is full, the first to have room once
+/// this request's turn in the upstream's queue comes, waiting until
+/// `deadline`. The second value says whether it waited.
+async fn core_pick<'a>(
+    endpoints: &'a EndpointSet,
+    pool: &Pool,
+    deadline: Instant,
+) -> (Result<Option<&'a Endpoint>, PickFailed>, bool) {
+    let mut place: Option<(QueuePlace<'_>, QueuedCount<'_>)> = None;
+    loop {
+        let queued = place.is_some();
+        match endpoints.rotate(|id| pool.has_room(id, queued)) {
+            None => return (Ok(None), queued),
+            Some(Rotated::Usable(endpoint)) => {
+                if let Some((place, _)) = place.as_mut() {
+                    place.served();
+                }
+                return (Ok(Some(endpoint)), queued);
+            }
+            Some(Rotated::NoneUsable(_)) => {}
+        }
+        let (place, _) = place.get_or_insert_with(|| (pool.queue(), endpoints.count_queued()));
+        if tokio::time::timeout_at(deadline.into(), place.room())
+            .await
+            .is_err()
+        {
+            return (Err(PickFailed::QueueTimedOut), true);
+        }
     }
-    endpoints
-        .pick_weighted_where(|id| !tried.contains(&id) && pool.has_room(id))
-        .filter(|e| !tried.contains(&e.id) && pool.has_room(e.id))
-        .or_else(|| endpoints.pick_weighted_untried(tried))
+}
+
+/// The core's pick for a retry (and for a failed `open` balancer): the
+/// next endpoint not in `tried` with room in `pool`, else the next one not
+/// in `tried`, else the plain next one. It does not queue: the request
+/// waits at that endpoint for a connection.
+fn core_retry_pick<'a>(
+    endpoints: &'a EndpointSet,
+    pool: &Pool,
+    tried: &[u32],
+) -> Option<&'a Endpoint> {
+    match endpoints.rotate(|id| !tried.contains(&id) && pool.has_room(id, false))? {
+        Rotated::Usable(endpoint) => Some(endpoint),
+        Rotated::NoneUsable(_) => endpoints.pick_weighted_untried(tried),
+    }
 }
 
 /// The outcome record policies learn from.

@@ -324,6 +324,20 @@ impl Collector for Snapshot {
             counter,
         )?;
 
+        family(
+            e,
+            "sluice_upstream_queued",
+            "Requests waiting in the upstream's queue for a connection, every endpoint being at max_connections.",
+            MetricType::Gauge,
+            config.upstreams.iter().map(|u| {
+                (
+                    label("upstream", &u.name),
+                    i64::try_from(u.endpoint_set.queued()).unwrap_or(i64::MAX),
+                )
+            }),
+            gauge,
+        )?;
+
         // Plugins: the host's call statistics, kept per plugin name.
         let plugins: Vec<(Labels, CallTotals)> = config
             .plugins

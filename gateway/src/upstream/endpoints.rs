@@ -19,7 +19,7 @@ use std::hash::Hasher as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -155,6 +155,15 @@ impl Drop for InFlightRequest<'_> {
     }
 }
 
+/// What one turn of the core's rotation found ([`EndpointSet::rotate`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Rotated<'a> {
+    /// The next endpoint that is usable.
+    Usable(&'a Endpoint),
+    /// No candidate is usable; this is the plain next one.
+    NoneUsable(&'a Endpoint),
+}
+
 /// What a balancer sees of one candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CandidateView {
@@ -255,6 +264,19 @@ pub(crate) struct EndpointSet {
     /// Breaker states reported by plugins, by (plugin, endpoint id or the
     /// whole upstream). Written only on transitions.
     circuits: Mutex<BTreeMap<CircuitKey, CircuitEntry>>,
+    /// Requests waiting in the upstream's queue, on every worker.
+    queued: AtomicUsize,
+}
+
+/// Counts a request among those waiting in an upstream's queue
+/// ([`EndpointSet::queued`]) while it is held.
+#[derive(Debug)]
+pub(crate) struct QueuedCount<'a>(&'a EndpointSet);
+
+impl Drop for QueuedCount<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One endpoint's live state, for `GET /upstreams`.
@@ -314,6 +336,7 @@ impl EndpointSet {
             candidates,
             turn: AtomicU64::new(0),
             circuits: Mutex::new(BTreeMap::new()),
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -359,6 +382,18 @@ impl EndpointSet {
         self.candidates().healthy
     }
 
+    /// Counts a request as waiting in the upstream's queue until the
+    /// returned guard drops.
+    pub(crate) fn count_queued(&self) -> QueuedCount<'_> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        QueuedCount(self)
+    }
+
+    /// Requests waiting in the upstream's queue now, on every worker.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// The next value of the upstream's rotation counter.
     pub(crate) fn next_turn(&self) -> u64 {
         self.turn.fetch_add(1, Ordering::Relaxed)
@@ -384,6 +419,15 @@ impl EndpointSet {
     /// however far it looks, so the endpoints it passes over are not
     /// owed turns later.
     pub(crate) fn pick_weighted_where(&self, usable: impl Fn(u32) -> bool) -> Option<&Endpoint> {
+        match self.rotate(usable)? {
+            Rotated::Usable(endpoint) | Rotated::NoneUsable(endpoint) => Some(endpoint),
+        }
+    }
+
+    /// Like [`pick_weighted_where`](Self::pick_weighted_where), telling a
+    /// usable endpoint from the plain next one; `None` when there is no
+    /// candidate at all.
+    pub(crate) fn rotate(&self, usable: impl Fn(u32) -> bool) -> Option<Rotated<'_>> {
         let set = self.candidates();
         let len = u64::try_from(set.rotation.len()).ok().filter(|l| *l > 0)?;
         let start = self.next_turn();
@@ -392,14 +436,15 @@ impl EndpointSet {
             let id = *set.ids.get(usize::try_from(set.rotation[turn]).ok()?)?;
             usable(id).then_some(id)
         });
-        let id = match found {
-            Some(id) => id,
+        let endpoint = |id: u32| self.endpoints.get(usize::try_from(id).ok()?);
+        match found {
+            Some(id) => endpoint(id).map(Rotated::Usable),
             None => {
                 let turn = usize::try_from(start % len).ok()?;
-                set.ids[usize::try_from(set.rotation[turn]).ok()?]
+                endpoint(set.ids[usize::try_from(set.rotation[turn]).ok()?])
+                    .map(Rotated::NoneUsable)
             }
-        };
-        self.endpoints.get(usize::try_from(id).ok()?)
+        }
     }
 
     /// The endpoint at `position` of `set`.

@@ -15,9 +15,10 @@ pub use checks::HealthChecks;
 pub(crate) use checks::{HealthCheck, Probe};
 pub(crate) use endpoints::{
     CandidateSet, CircuitState, CircuitStatus, Endpoint, EndpointSet, EndpointStatus, Passive,
+    QueuedCount, Rotated,
 };
 pub(crate) use h1::Upgraded;
-pub(crate) use pool::{Pool, SendError, UpstreamBody};
+pub(crate) use pool::{Pool, QueuePlace, SendError, UpstreamBody};
 pub(crate) use retry::{Backoff, RetryBudget, RetryOn, RetryPolicy, TryResult};
 
 use crate::config::UpstreamConfig;

@@ -1,11 +1,15 @@
 //! Each worker's keep-alive connections to one upstream's endpoints: a
 //! connection is taken for one exchange and handed back, ready for the
 //! next, when the response body has been read to its end. At most
-//! `max_connections` are open to an endpoint at once (busy or idle); a
-//! request that finds none free waits for one (HAProxy's server `maxconn`
-//! queue), within the upstream's `timeout`. The core balancer asks
-//! [`Pool::has_room`] first and passes over a full endpoint while another
-//! has room, so only a plugin's pick or an upstream full everywhere waits.
+//! `max_connections` are open to an endpoint at once (busy or idle).
+//!
+//! A request the core balancer routes waits, when every endpoint is full,
+//! in the upstream's queue ([`Pool::queue`]) and goes to whichever endpoint
+//! frees a connection first, in arrival order (HAProxy's backend queue); the
+//! core balancer asks [`Pool::has_room`] and passes over a full endpoint
+//! while another has room. A request sent to an endpoint regardless (a
+//! plugin's pick, a retry) waits at that endpoint for one of its
+//! connections (HAProxy's server queue), within the upstream's `timeout`.
 //!
 //! A worker's requests never cross threads, so the lock around the idle
 //! lists is never contended; taking and returning a connection is a push
@@ -57,10 +61,14 @@ struct Idle {
     by_endpoint: Vec<EndpointIdle>,
     /// Whether the task closing expired connections is running.
     reaping: bool,
+    /// Requests in the upstream's queue, waiting for room at any endpoint.
+    /// While any wait, no newcomer finds room: first come, first served.
+    queued: usize,
+    /// Wakes the first of them when a connection comes back or closes.
+    room: Arc<Notify>,
 }
 
 /// One endpoint's idle connections, most recently returned last, and its gate.
-#[derive(Default)]
 struct EndpointIdle {
     connections: Vec<IdleConnection>,
     gate: Arc<Gate>,
@@ -70,12 +78,27 @@ struct EndpointIdle {
     waiting: usize,
 }
 
+impl EndpointIdle {
+    fn new(room: &Arc<Notify>) -> Self {
+        EndpointIdle {
+            connections: Vec::new(),
+            gate: Arc::new(Gate {
+                open: AtomicUsize::new(0),
+                freed: Notify::new(),
+                room: room.clone(),
+            }),
+            waiting: 0,
+        }
+    }
+}
+
 /// Counts an endpoint's open connections and wakes a request waiting for
 /// one when a connection comes back or closes.
-#[derive(Default)]
 struct Gate {
     open: AtomicUsize,
     freed: Notify,
+    /// The upstream queue's wake ([`Idle::room`]).
+    room: Arc<Notify>,
 }
 
 /// One open connection's place under its endpoint's `max_connections`;
@@ -86,6 +109,41 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
         self.0.freed.notify_one();
+        // Closing is rare: wake the upstream queue without asking whether
+        // anyone waits in it (a wake nobody takes is kept for the next
+        // waiter, who looks and waits again).
+        self.0.room.notify_one();
+    }
+}
+
+/// A request's place in the upstream's queue ([`Pool::queue`]). Leaving it
+/// without having been served passes a wake it may have taken to the next.
+pub(crate) struct QueuePlace<'a> {
+    pool: &'a Pool,
+    room: Arc<Notify>,
+    served: bool,
+}
+
+impl QueuePlace<'_> {
+    /// Waits until a connection to one of the upstream's endpoints comes
+    /// back or closes; the first in the queue is woken first.
+    pub(crate) async fn room(&self) {
+        self.room.notified().await;
+    }
+
+    /// Marks the request as served: it found room and leaves the queue for it.
+    pub(crate) fn served(&mut self) {
+        self.served = true;
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        let mut idle = self.pool.lock();
+        idle.queued -= 1;
+        if !self.served && idle.queued > 0 {
+            idle.room.notify_one();
+        }
     }
 }
 
@@ -282,8 +340,9 @@ impl Pool {
     fn endpoint(idle: &mut Idle, id: u32) -> &mut EndpointIdle {
         let index = id as usize;
         if idle.by_endpoint.len() <= index {
+            let room = idle.room.clone();
             idle.by_endpoint
-                .resize_with(index + 1, EndpointIdle::default);
+                .resize_with(index + 1, || EndpointIdle::new(&room));
         }
         &mut idle.by_endpoint[index]
     }
@@ -291,13 +350,30 @@ impl Pool {
     /// Whether a request for endpoint `id` would be sent now rather than
     /// wait: nobody waits there, and it has an idle connection or room to
     /// open one. (An idle connection the upstream has closed counts: the
-    /// request would find out and open another.)
-    pub(crate) fn has_room(&self, id: u32) -> bool {
+    /// request would find out and open another.) While requests wait in
+    /// the upstream's queue, only they (`queued`) find room.
+    pub(crate) fn has_room(&self, id: u32, queued: bool) -> bool {
         let mut idle = self.lock();
+        if !queued && idle.queued > 0 {
+            return false;
+        }
         let endpoint = Pool::endpoint(&mut idle, id);
         endpoint.waiting == 0
             && (!endpoint.connections.is_empty()
                 || endpoint.gate.open.load(Ordering::Acquire) < self.inner.max_connections)
+    }
+
+    /// A place at the back of the upstream's queue, for a request that
+    /// found every endpoint full. It waits with [`QueuePlace::room`] and
+    /// looks again with [`Pool::has_room`] as queued.
+    pub(crate) fn queue(&self) -> QueuePlace<'_> {
+        let mut idle = self.lock();
+        idle.queued += 1;
+        QueuePlace {
+            pool: self,
+            room: idle.room.clone(),
+            served: false,
+        }
     }
 
     /// The most recently returned idle connection to endpoint `id` that is
@@ -360,6 +436,9 @@ impl Pool {
             since: Instant::now(),
         });
         endpoint.gate.freed.notify_one();
+        if idle.queued > 0 {
+            idle.room.notify_one();
+        }
         if !idle.reaping
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -728,6 +807,39 @@ mod tests {
         assert!(bodies.iter().all(|b| b == "ok"), "{bodies:?}");
         assert_eq!(counts.accepted.load(Ordering::SeqCst), 5);
         assert!(pool.open_count(0) <= 1);
+    }
+
+    #[tokio::test]
+    async fn while_requests_wait_in_the_upstream_queue_only_they_find_room() {
+        let (addr, _) = origin().await;
+        let pool = Pool::new(8, Duration::from_secs(60), 1, Duration::from_secs(1));
+        let busy = pool.send(0, addr, get()).await.expect("send");
+        assert!(!pool.has_room(0, false), "the one connection is busy");
+        let mut place = pool.queue();
+        let wake = Duration::from_millis(200);
+        assert!(
+            tokio::time::timeout(wake, place.room()).await.is_err(),
+            "nothing came free"
+        );
+
+        // The connection comes back: the queue is woken, and only a queued
+        // request finds the room; a newcomer would queue behind it.
+        let body = busy.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes(), "ok");
+        assert!(tokio::time::timeout(wake, place.room()).await.is_ok());
+        assert!(pool.has_room(0, true));
+        assert!(!pool.has_room(0, false));
+        place.served();
+        drop(place);
+        assert!(pool.has_room(0, false), "the queue is empty again");
+        assert_eq!(read_all(&pool, addr).await, "ok");
+
+        // A closed connection wakes the queue too.
+        let busy = pool.send(0, addr, get()).await.expect("send");
+        let place = pool.queue();
+        drop(busy);
+        assert!(tokio::time::timeout(wake, place.room()).await.is_ok());
+        assert!(pool.has_room(0, true), "a slot is free to open a connection");
     }
 
     #[tokio::test]
