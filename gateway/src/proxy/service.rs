@@ -596,10 +596,10 @@ async fn core_pick<'a>(
             Some(Rotated::NoneUsable(_)) => {}
         }
         let (place, _) = place.get_or_insert_with(|| (pool.queue(), endpoints.count_queued()));
-        if tokio::time::timeout_at(deadline.into(), place.room())
-            .await
-            .is_err()
-        {
+        // Boxed: only a request that waits pays for the timer and the wake
+        // in its future, which every request in flight holds.
+        let room = Box::pin(tokio::time::timeout_at(deadline.into(), place.room()));
+        if room.await.is_err() {
             return (Err(PickFailed::QueueTimedOut), true);
         }
     }

@@ -839,7 +839,10 @@ mod tests {
         let place = pool.queue();
         drop(busy);
         assert!(tokio::time::timeout(wake, place.room()).await.is_ok());
-        assert!(pool.has_room(0, true), "a slot is free to open a connection");
+        assert!(
+            pool.has_room(0, true),
+            "a slot is free to open a connection"
+        );
     }
 
     #[tokio::test]
