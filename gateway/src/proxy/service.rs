@@ -311,46 +311,33 @@ async fn proxy(
         )
         .await;
         request = back;
-        let endpoint = match picked {
-            Ok(Some(endpoint)) => endpoint,
-            Ok(None) => {
-                if learns {
-                    let report = policy_outcome(
-                        &route.name,
-                        &upstream.name,
-                        None,
-                        Err(ErrorKind::NoEndpoint),
-                        Duration::ZERO,
-                    );
-                    Box::pin(chain.on_outcome(balancer, endpoints, &tables.directory, &report))
-                        .await;
-                }
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no endpoint available\n",
-                    "no-endpoint",
-                    outcome,
-                );
-            }
+        let picked = match picked {
+            Ok(Some(endpoint)) => Ok(endpoint),
+            Ok(None) => Err((
+                ErrorKind::NoEndpoint,
+                Duration::ZERO,
+                "no endpoint available\n",
+                "no-endpoint",
+            )),
+            Err(PickFailed::QueueTimedOut) => Err((
+                ErrorKind::Timeout,
+                upstream.timeout,
+                "no upstream connection came free within the upstream's timeout\n",
+                "queue-timeout",
+            )),
             Err(PickFailed::Policy(plugin)) => return policy_failed(plugin, outcome),
-            Err(PickFailed::QueueTimedOut) => {
+        };
+        // No try is made: policies that learn hear why, and the client gets a 503.
+        let endpoint = match picked {
+            Ok(endpoint) => endpoint,
+            Err((kind, waited, text, tag)) => {
                 if learns {
-                    let report = policy_outcome(
-                        &route.name,
-                        &upstream.name,
-                        None,
-                        Err(ErrorKind::Timeout),
-                        upstream.timeout,
-                    );
+                    let report =
+                        policy_outcome(&route.name, &upstream.name, None, Err(kind), waited);
                     Box::pin(chain.on_outcome(balancer, endpoints, &tables.directory, &report))
                         .await;
                 }
-                return local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no upstream connection came free within the upstream's timeout\n",
-                    "queue-timeout",
-                    outcome,
-                );
+                return local(StatusCode::SERVICE_UNAVAILABLE, text, tag, outcome);
             }
         };
         outcome.endpoint = Some(endpoint.addr);
