@@ -26,6 +26,15 @@ async fn tls_setup() -> anyhow::Result<TlsSetup> {
     tls_setup_on(1).await
 }
 
+impl TlsSetup {
+    /// An HTTP/1.1 connection to the `tls` listener, its certificate for
+    /// `sni` verified against the test CA.
+    async fn h1(&self, sni: &str) -> anyhow::Result<H1> {
+        let config = self.ca.client_config(&[b"http/1.1"])?;
+        H1::over(tls_connect(self.gateway.addr("tls"), sni, config).await?).await
+    }
+}
+
 /// [`tls_setup`] served by `workers` workers, with an admin API.
 async fn tls_setup_on(workers: usize) -> anyhow::Result<TlsSetup> {
     let ca = TestCa::new()?;
@@ -114,16 +123,9 @@ async fn alpn_negotiates_h2_when_offered_and_http11_otherwise() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_request_reaches_origin_marked_as_https() -> anyhow::Result<()> {
     let setup = tls_setup().await?;
-    let addr = setup.gateway.addr("tls");
 
     // Full certificate verification against the test CA, for the SNI certificate.
-    let stream = tls_connect(
-        addr,
-        "b.example.com",
-        setup.ca.client_config(&[b"http/1.1"])?,
-    )
-    .await?;
-    let mut conn = H1::over(stream).await?;
+    let mut conn = setup.h1("b.example.com").await?;
     let reply = conn.request(get("b.example.com", "/secure?q=1")).await?;
     assert_eq!(reply.status, 200, "{}", reply.excerpt());
     let json = reply.json()?;
@@ -158,16 +160,9 @@ async fn https_request_reaches_origin_marked_as_https() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_connections_are_spread_over_two_workers_and_all_served() -> anyhow::Result<()> {
     let setup = tls_setup_on(2).await?;
-    let addr = setup.gateway.addr("tls");
     let mut open = Vec::new();
     for i in 0..40 {
-        let stream = tls_connect(
-            addr,
-            "b.example.com",
-            setup.ca.client_config(&[b"http/1.1"])?,
-        )
-        .await?;
-        let mut conn = H1::over(stream).await?;
+        let mut conn = setup.h1("b.example.com").await?;
         let reply = conn
             .request(get("b.example.com", &format!("/n/{i}")))
             .await?;
@@ -386,13 +381,8 @@ async fn clients_offering_tls11_or_older_get_a_protocol_version_alert() -> anyho
         );
     }
     // The listener still serves a modern client.
-    let stream = tls_connect(
-        addr,
-        "a.example.com",
-        setup.ca.client_config(&[b"http/1.1"])?,
-    )
-    .await?;
-    let reply = H1::over(stream)
+    let reply = setup
+        .h1("a.example.com")
         .await?
         .request(get("a.example.com", "/"))
         .await?;
