@@ -847,15 +847,8 @@ async fn accept_loop(
         // The other worker has stopped (a shutdown is under way): serve it here.
         if let Err(back) = seat.hand_off(handoff) {
             let Handoff { stream, permit, .. } = back;
-            match TcpStream::from_std(stream) {
-                Ok(stream) => {
-                    let held = (permit, seat.count_here());
-                    spawn_connection(&connections, context, stream, peer, &closing, held);
-                }
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "cannot serve an accepted connection; closed")
-                }
-            }
+            let held = (permit, seat.count_here());
+            spawn_std_connection(&connections, context, stream, peer, &closing, held);
         }
     }
 }
@@ -900,20 +893,31 @@ impl Listeners {
         if closing.graceful.is_cancelled() {
             return;
         }
-        match TcpStream::from_std(stream) {
-            Ok(stream) => {
-                spawn_connection(
-                    &self.connections,
-                    context,
-                    stream,
-                    peer,
-                    &closing,
-                    (permit, load),
-                );
-            }
-            Err(error) => {
-                tracing::debug!(%peer, %error, "cannot serve a handed-over connection; closed")
-            }
+        spawn_std_connection(
+            &self.connections,
+            context,
+            stream,
+            peer,
+            &closing,
+            (permit, load),
+        );
+    }
+}
+
+/// [`spawn_connection`] for a socket that moved between workers as a std
+/// stream; one that cannot join this worker's runtime is closed.
+fn spawn_std_connection(
+    connections: &TaskTracker,
+    context: Arc<ListenerContext>,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    closing: &Closing,
+    held: (OwnedSemaphorePermit, Load),
+) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => spawn_connection(connections, context, stream, peer, closing, held),
+        Err(error) => {
+            tracing::debug!(%peer, %error, "cannot serve a handed-over connection; closed")
         }
     }
 }
