@@ -20,7 +20,28 @@ pub struct Policy(Arc<Plugin>);
 /// (JSON), on the gateway's engine or on a separate engine using wasmtime's
 /// pooling allocator.
 pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Policy, String> {
+    load_spec(spec(name, source, config), pooling)
+}
+
+/// Loads `source` as [`load`] does, with `geo` (a MaxMind-format file) as
+/// the manifest's `[geo] database`.
+pub fn load_with_geo(
+    name: &str,
+    source: &str,
+    config: &str,
+    geo: &std::path::Path,
+) -> Result<Policy, String> {
+    let database = crate::plugin::geo::GeoDatabase::open(geo)?;
     let spec = PluginSpec {
+        geo: Some(Arc::new(database)),
+        ..spec(name, source, config)
+    };
+    load_spec(spec, false)
+}
+
+/// The spec the benchmarks load plugins with: closed, a 1 s deadline, pooled instances.
+fn spec(name: &str, source: &str, config: &str) -> PluginSpec {
+    PluginSpec {
         name: name.to_string(),
         source: match source.strip_prefix("builtin:") {
             Some(builtin) => Source::Builtin(builtin.to_string()),
@@ -35,7 +56,10 @@ pub fn load(name: &str, source: &str, config: &str, pooling: bool) -> Result<Pol
         pool_size: 8,
         geo: None,
         state: None,
-    };
+    }
+}
+
+fn load_spec(spec: PluginSpec, pooling: bool) -> Result<Policy, String> {
     if !pooling {
         return Plugin::load(spec).map(Policy).map_err(|e| e.to_string());
     }
@@ -72,11 +96,35 @@ pub fn request(req: http::Request<()>) -> Request {
 pub struct Request(RequestState);
 
 impl Policy {
-    /// One `on-request` call; `true` when the policy said continue.
+    /// One `on-request` call; `true` when the policy let the request
+    /// through (continued, or steered it).
     pub async fn on_request(&self, req: Request) -> (Request, bool) {
         let (back, result) = self.0.on_request(req.0).await;
-        let proceed = matches!(result, Ok(crate::plugin::Action::Continue));
+        let proceed = matches!(
+            result,
+            Ok(crate::plugin::Action::Continue | crate::plugin::Action::Steer(_))
+        );
         (Request(back), proceed)
+    }
+
+    /// One `on-outcome` call for a 200 from endpoint 0 of `upstream` after
+    /// `latency_us`; `true` when the call succeeded.
+    pub async fn on_outcome(&self, upstream: &Upstream, latency_us: u64) -> bool {
+        let endpoint = upstream.0.endpoints.first();
+        let outcome = crate::plugin::Outcome {
+            route: "bench".to_string(),
+            upstream: upstream.0.name.to_string(),
+            endpoint: endpoint.map(|e| e.address.to_string()),
+            endpoint_id: endpoint.map(|e| e.id),
+            status: Some(200),
+            latency_us,
+            error: None,
+        };
+        let directory: crate::upstream::Directory = Arc::from([upstream.0.clone()]);
+        self.0
+            .on_outcome(&upstream.0, &directory, &outcome)
+            .await
+            .is_ok()
     }
 
     /// One `pick` over the upstream's candidates; the position picked.

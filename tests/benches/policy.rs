@@ -1,5 +1,7 @@
 //! Per-call costs of the policy runtime, in-process (no sockets): an empty
-//! policy, a header-reading policy, a 4-policy chain, a pick by each
+//! policy, a header-reading policy, a 4-policy chain, the edge chain of the
+//! `chain` scenario hook by hook (rate limit, circuit breaker, geo, Wasm
+//! round-robin), a pick by each
 //! first-party balancer (and the core's native round-robin) over 3 and 100
 //! endpoints, and instantiation with and without wasmtime's pooling
 //! allocator.
@@ -39,7 +41,8 @@ fn request() -> bench::Request {
         ("accept-language", "en-GB,en;q=0.9"),
         ("cookie", "session=abc123; theme=dark"),
         ("x-request-id", "0123456789abcdef"),
-        ("x-forwarded-for", "203.0.113.7"),
+        // A German address: the edge chain's geo policy finds it.
+        ("x-forwarded-for", "193.99.144.80"),
     ] {
         req = req.header(name, value);
     }
@@ -103,6 +106,8 @@ fn policies(c: &mut Criterion) {
     });
     group.finish();
 
+    edge_chain(c, &rt);
+
     let mut group = c.benchmark_group("balancer-pick");
     for endpoints in [3u16, 100] {
         let upstream = bench::upstream(endpoints);
@@ -147,6 +152,79 @@ fn policies(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+}
+
+/// The edge chain of `bench/compare-sluice-chain.toml`, hook by hook and
+/// whole: rate limit, circuit breaker and geo `on-request`, the Wasm
+/// round-robin's `pick`, the breaker's `on-outcome` (the five calls each
+/// forwarded request makes), with the same configs.
+fn edge_chain(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let geo_db = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/geo/geo-whois-asn-country.mmdb"
+    );
+    let limit = load(
+        "edge-limit",
+        "builtin:rate-limit",
+        r#"{"rate": "1000000r/s", "burst": 1000, "nodelay": true, "key": "route"}"#,
+        false,
+    );
+    let breaker = load(
+        "edge-breaker",
+        "builtin:circuit-breaker",
+        r#"{"failure_rate": 50, "window": 100, "minimum_calls": 100, "wait_duration": "10s"}"#,
+        false,
+    );
+    let geo = bench::load_with_geo(
+        "edge-geo",
+        "builtin:geo",
+        r#"{"regions": {"us-east": ["US", "CA"], "eu-west": ["GB", "DE", "FR", "continent:EU"]},
+            "upstreams": {"us-east": "app", "eu-west": "app"}, "default": "us-east",
+            "failover": ["us-east", "eu-west"], "trusted_proxies": ["127.0.0.1", "::1"]}"#,
+        std::path::Path::new(geo_db),
+    )
+    .expect("geo loads");
+    let balancer = load("edge-rr", "builtin:round-robin", "{}", false);
+    let upstream = bench::upstream(2);
+
+    let mut group = c.benchmark_group("edge-chain");
+    for (name, policy) in [("limit", &limit), ("breaker", &breaker), ("geo", &geo)] {
+        group.bench_function(format!("{name}-on-request"), |b| {
+            b.iter_custom(|iters| time_calls(rt, iters, |req| policy.on_request(req)))
+        });
+    }
+    group.bench_function("round-robin-pick", |b| {
+        b.iter_custom(|iters| {
+            time_calls(rt, iters, |req| async {
+                let (back, picked) = balancer.pick(req, &upstream).await;
+                (back, picked.is_some())
+            })
+        })
+    });
+    group.bench_function("breaker-on-outcome", |b| {
+        b.iter_custom(|iters| {
+            time_calls(rt, iters, |req| async {
+                (req, breaker.on_outcome(&upstream, 900).await)
+            })
+        })
+    });
+    group.bench_function("all-five", |b| {
+        b.iter_custom(|iters| {
+            time_calls(rt, iters, |req| async {
+                let mut ok = true;
+                let mut req = req;
+                for policy in [&limit, &breaker, &geo] {
+                    let (back, proceed) = policy.on_request(req).await;
+                    ok &= proceed;
+                    req = back;
+                }
+                let (req, picked) = balancer.pick(req, &upstream).await;
+                ok &= picked.is_some() && breaker.on_outcome(&upstream, 900).await;
+                (req, ok)
+            })
+        })
+    });
     group.finish();
 }
 
