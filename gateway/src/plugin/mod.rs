@@ -655,7 +655,7 @@ impl Plugin {
         let (started, latest) = self.arm(&mut instance);
         let called = bounded(
             latest,
-            hook.call_on_request(&mut instance.store, Resource::new_borrow(0)),
+            Box::pin(hook.call_on_request(&mut instance.store, Resource::new_borrow(0))),
         )
         .await;
         let req = take_request(&mut instance);
@@ -688,11 +688,11 @@ impl Plugin {
         let (started, latest) = self.arm(&mut instance);
         let called = bounded(
             latest,
-            hook.call_on_response(
+            Box::pin(hook.call_on_response(
                 &mut instance.store,
                 Resource::<RequestHandle>::new_borrow(0),
                 Resource::<ResponseHandle>::new_borrow(0),
-            ),
+            )),
         )
         .await;
         let req = take_request(&mut instance);
@@ -722,7 +722,11 @@ impl Plugin {
         ctx.upstream = Some(upstream.clone());
         ctx.directory = Some(directory.clone());
         let (started, latest) = self.arm(&mut instance);
-        let called = bounded(latest, hook.call_on_outcome(&mut instance.store, outcome)).await;
+        let called = bounded(
+            latest,
+            Box::pin(hook.call_on_outcome(&mut instance.store, outcome)),
+        )
+        .await;
         self.settle(started, called)?;
         self.release(instance);
         Ok(())
@@ -750,12 +754,12 @@ impl Plugin {
         let (started, latest) = self.arm(&mut instance);
         let called = bounded(
             latest,
-            hook.call_pick(
+            Box::pin(hook.call_pick(
                 &mut instance.store,
                 Resource::<RequestHandle>::new_borrow(0),
                 Resource::<UpstreamHandle>::new_borrow(0),
                 Resource::<CandidatesHandle>::new_borrow(0),
-            ),
+            )),
         )
         .await;
         let req = take_request(&mut instance);
