@@ -72,13 +72,12 @@ fn load_spec(spec: PluginSpec, pooling: bool) -> Result<Policy, String> {
         .map_err(|e| e.to_string())
 }
 
-/// A request head as the chain sees it.
+/// A request head as the chain sees it, bound for upstream `app` (two
+/// endpoints).
 pub fn request(req: http::Request<()>) -> Request {
-    let upstream = Arc::new(crate::upstream::EndpointSet::new(
-        "app",
-        &[],
-        crate::upstream::Passive::default(),
-    ));
+    // Two healthy endpoints, so policies that ask about the upstream's
+    // health (geo) take the path a gateway with live backends takes.
+    let upstream = upstream(2).0;
     Request(RequestState {
         parts: req.into_parts().0,
         client_ip: IpAddr::from([127, 0, 0, 1]),
