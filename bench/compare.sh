@@ -53,7 +53,8 @@
 #   C10K_CONNS=10000 C10K_THREADS=2 C10K_DUR=10   H2_CLIENTS=64 H2_STREAMS=10 H2_DUR=$DUR
 #   ONLY="nginx-ka256 sluice-native ..." (only these targets, by the names in the tables)
 #   FORWARD_HEADERS=1 (the peers add the request headers Sluice's core adds: the client's Host,
-#   X-Forwarded-For/-Proto/-Host, Via, x-request-id when absent; 0: they add none, as before
+#   X-Forwarded-For/-Proto/-Host, Via, x-request-id when absent, a W3C traceparent joined or
+#   started (from 2026-12-04's eighth session); 0: they add none, as before
 #   2026-12-03's fifth session)  NGINX_KEEPALIVES="32 256"  WARMUP=1 (s per target before the rounds)  OTHER_MAX=15
 #   MAX_TOTAL=3000 (hard wall-clock cap in s: the whole script runs under timeout(1); runs that
 #   would pass it are skipped and counted)  SLUICE=target/release/sluice  SLUICE_LOG=warn (RUST_LOG)
@@ -318,13 +319,22 @@ write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tl
   if [[ ${6:-$FORWARD_HEADERS} == 1 ]]; then
     # What Sluice's core adds to every forwarded request (README, "What forwarding does"):
     # the client's Host, X-Forwarded-For/-Proto/-Host, Via, and an x-request-id when absent.
-    idmap="map \$http_x_request_id \$req_id { \"\" \$request_id; default \$http_x_request_id; }"
+    idmap="map \$http_x_request_id \$req_id { \"\" \$request_id; default \$http_x_request_id; }
+  # W3C traceparent: join a valid one with a new span id, else start a trace (and drop tracestate).
+  map \$request_id \$trace_span { \"~^(?<span>[0-9a-f]{16})\" \$span; }
+  map \$http_traceparent \$trace_parent {
+    \"~^00-(?<tid>[0-9a-f]{32})-[0-9a-f]{16}-(?<tflags>[0-9a-f]{2})\$\" \"00-\$tid-\$trace_span-\$tflags\";
+    default \"00-\$request_id-\$trace_span-01\";
+  }
+  map \$http_traceparent \$trace_state { \"~^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\$\" \$http_tracestate; default \"\"; }"
     fwd="proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto \$scheme;
       proxy_set_header X-Forwarded-Host \$host;
       proxy_set_header Via \"1.1 nginx\";
-      proxy_set_header X-Request-Id \$req_id;"
+      proxy_set_header X-Request-Id \$req_id;
+      proxy_set_header traceparent \$trace_parent;
+      proxy_set_header tracestate \$trace_state;"
   fi
   case $5 in
     c10k) conns=$NGX_CONNS_MAX ;;
@@ -375,7 +385,12 @@ write_haproxy() { # name port threads mode(plain|limit|tls|c10k|h2tls)
   http-request set-header X-Forwarded-Proto http unless { ssl_fc }
   http-request set-header X-Forwarded-Host %[req.hdr(host)]
   http-request add-header Via \"1.1 haproxy\"
-  http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }"
+  http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }
+  acl traced req.hdr(traceparent) -m reg ^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\$
+  http-request set-var(txn.span) uuid,regsub(-,,g),bytes(0,16)
+  http-request set-header traceparent 00-%[req.hdr(traceparent),field(2,-)]-%[var(txn.span)]-%[req.hdr(traceparent),field(4,-)] if traced
+  http-request del-header tracestate unless traced
+  http-request set-header traceparent 00-%[uuid,regsub(-,,g)]-%[var(txn.span)]-01 unless traced"
   fi
   case $4 in
     tls) bind+=" ssl crt $W/tls/combined.pem alpn http/1.1 ssl-min-ver TLSv1.3" ;;

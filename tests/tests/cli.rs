@@ -473,6 +473,8 @@ fn each_request_writes_one_json_access_line() {
     assert_eq!(log["bytes_sent"], 4);
     assert_eq!(log["completed"], true);
     assert_eq!(log["request_id"].as_str().map(str::len), Some(32));
+    assert_eq!(log["trace_id"].as_str().map(str::len), Some(32));
+    assert_eq!(log["span_id"].as_str().map(str::len), Some(16));
     assert!(log["duration_ms"].as_f64().is_some());
 
     assert!(get(gateway.addr, "/elsewhere").0.contains("404"));

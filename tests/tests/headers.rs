@@ -1,5 +1,5 @@
 //! Header rewriting between client and origin: `X-Forwarded-*`, `Via`,
-//! `x-request-id`, and removal of hop-by-hop headers.
+//! `x-request-id`, W3C `traceparent`, and removal of hop-by-hop headers.
 
 use http::HeaderValue;
 use sluice_tests::client::{fetch, get};
@@ -99,6 +99,92 @@ async fn client_request_id_and_via_chain_are_kept() -> anyhow::Result<()> {
         ["client-chosen-id-42"]
     );
     assert_eq!(header(&seen.headers, "via"), ["1.1 edge-cdn, 1.1 sluice"]);
+    Ok(())
+}
+
+/// The fields of a `traceparent` the origin saw: trace id, parent id, flags.
+fn traceparent(seen: &http::HeaderMap) -> (String, String, String) {
+    let values = header(seen, "traceparent");
+    assert_eq!(values.len(), 1, "one traceparent upstream: {values:?}");
+    let parts: Vec<&str> = values[0].split('-').collect();
+    assert_eq!(parts.len(), 4, "{values:?}");
+    assert_eq!(parts[0], "00", "{values:?}");
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    assert!(
+        hex(parts[1], 32) && parts[1] != "0".repeat(32),
+        "{values:?}"
+    );
+    assert!(
+        hex(parts[2], 16) && parts[2] != "0".repeat(16),
+        "{values:?}"
+    );
+    assert!(hex(parts[3], 2), "{values:?}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_joined_or_started() -> anyhow::Result<()> {
+    let origin = Origin::echo("app").await?;
+    let gateway = Manifest::simple(origin.addr(), "", "").start().await?;
+    let seen = |what: &str| {
+        origin
+            .last_request()
+            .ok_or_else(|| anyhow::anyhow!("origin saw no request ({what})"))
+    };
+
+    // The client's trace is joined: same trace id and flags, the gateway's
+    // span as the parent, tracestate untouched.
+    let mut req = get("app.test", "/");
+    req.headers_mut().insert(
+        "traceparent",
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+    );
+    req.headers_mut()
+        .insert("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
+    assert_eq!(fetch(gateway.addr("web"), req).await?.status, 200);
+    let joined = seen("joined")?;
+    let (trace, parent, flags) = traceparent(&joined.headers);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(parent, "00f067aa0ba902b7", "the gateway is the new parent");
+    assert_eq!(flags, "00", "the client's sampling decision is kept");
+    assert_eq!(header(&joined.headers, "tracestate"), ["congo=t61rcWkgMzE"]);
+
+    // No traceparent: a sampled trace starts; each request its own.
+    assert_eq!(
+        fetch(gateway.addr("web"), get("app.test", "/"))
+            .await?
+            .status,
+        200
+    );
+    let (first, _, flags) = traceparent(&seen("started")?.headers);
+    assert_eq!(flags, "01");
+    assert_eq!(
+        fetch(gateway.addr("web"), get("app.test", "/"))
+            .await?
+            .status,
+        200
+    );
+    let (second, _, _) = traceparent(&seen("started again")?.headers);
+    assert_ne!(first, second);
+
+    // A malformed one (uppercase hex) starts a new trace and drops the
+    // broken trace's tracestate.
+    let mut req = get("app.test", "/");
+    req.headers_mut().insert(
+        "traceparent",
+        HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01"),
+    );
+    req.headers_mut()
+        .insert("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
+    assert_eq!(fetch(gateway.addr("web"), req).await?.status, 200);
+    let restarted = seen("malformed")?;
+    let (trace, _, _) = traceparent(&restarted.headers);
+    assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(header(&restarted.headers, "tracestate").is_empty());
     Ok(())
 }
 

@@ -18,6 +18,7 @@ mod forward;
 mod service;
 mod spread;
 pub(crate) mod tls;
+mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -19,6 +19,7 @@ use super::body::{
     upstream_timeout,
 };
 use super::forward::{self, ClientHop};
+use super::trace::TraceContext;
 use crate::plugin::chain::{LocalReply, Verdict, apply_on_error};
 use crate::plugin::host::{RequestState, copy_parts};
 use crate::plugin::{ErrorKind, Outcome as PolicyOutcome, Plugin};
@@ -76,6 +77,7 @@ pub(crate) async fn handle(
     // Counted before the gateway adds its own (x-request-id).
     let fields = req.headers().len();
     let request_id = forward::ensure_request_id(req.headers_mut());
+    let trace = TraceContext::enter(req.headers_mut());
     let head = telemetry::access_log_enabled().then(|| {
         (
             req.method().clone(),
@@ -106,6 +108,8 @@ pub(crate) async fn handle(
         host,
         version,
         request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+        trace_id: trace.trace_id,
+        span_id: trace.span_id,
         route: outcome.route,
         upstream: outcome.upstream,
         endpoint: outcome.endpoint,

@@ -54,6 +54,10 @@ pub(crate) struct AccessRecord {
     pub(crate) host: String,
     pub(crate) version: Version,
     pub(crate) request_id: String,
+    /// The W3C trace the request belongs to.
+    pub(crate) trace_id: u128,
+    /// The gateway's span in it: the parent id sent upstream.
+    pub(crate) span_id: u64,
     pub(crate) route: Option<Arc<str>>,
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) endpoint: Option<SocketAddr>,
@@ -87,6 +91,8 @@ impl AccessRecord {
             query = self.uri.query(),
             version = ?self.version,
             request_id = self.request_id,
+            trace_id = %format_args!("{:032x}", self.trace_id),
+            span_id = %format_args!("{:016x}", self.span_id),
             route = self.route.as_deref(),
             upstream = self.upstream.as_deref(),
             endpoint = self.endpoint.map(tracing::field::display),
