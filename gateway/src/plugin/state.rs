@@ -90,10 +90,17 @@ impl Slot {
     fn live(&self, now: Instant) -> bool {
         self.expires.is_none_or(|at| at > now)
     }
+
+    /// Whether the slot has not expired, reading the clock only when it can.
+    fn live_now(&self) -> bool {
+        self.expires.is_none_or(|at| at > Instant::now())
+    }
 }
 
-fn expiry(now: Instant, ttl_ms: u64) -> Option<Instant> {
-    (ttl_ms > 0).then(|| now + Duration::from_millis(ttl_ms))
+/// When a key stored now with `ttl_ms` expires; the clock is read only for
+/// a key that does.
+fn expiry(ttl_ms: u64) -> Option<Instant> {
+    (ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(ttl_ms))
 }
 
 impl StateStore {
@@ -106,10 +113,10 @@ impl StateStore {
     /// Adds `delta` to counter `key`; see the WIT `state.counter-add`.
     /// A key holding text is replaced by a fresh counter.
     pub(crate) fn counter_add(&self, key: &str, delta: i64, ttl_ms: u64) -> i64 {
-        let now = Instant::now();
+        // Most counters never expire: the clock is read only for those that do.
         // Fast path: the key exists; no allocation.
         if let Some(mut slot) = self.entries.get_mut(key) {
-            let live = slot.live(now);
+            let live = slot.live_now();
             match (&mut slot.value, live) {
                 (Value::Counter(n), true) => {
                     *n = n.saturating_add(delta);
@@ -117,7 +124,7 @@ impl StateStore {
                 }
                 _ => {
                     slot.value = Value::Counter(delta);
-                    slot.expires = expiry(now, ttl_ms);
+                    slot.expires = expiry(ttl_ms);
                     return delta;
                 }
             }
@@ -126,7 +133,7 @@ impl StateStore {
             Entry::Occupied(mut occupied) => {
                 // Another caller created it between our two lookups.
                 let slot = occupied.get_mut();
-                let live = slot.live(now);
+                let live = slot.live_now();
                 match (&mut slot.value, live) {
                     (Value::Counter(n), true) => {
                         *n = n.saturating_add(delta);
@@ -135,7 +142,7 @@ impl StateStore {
                     _ => {
                         *slot = Slot {
                             value: Value::Counter(delta),
-                            expires: expiry(now, ttl_ms),
+                            expires: expiry(ttl_ms),
                         };
                         delta
                     }
@@ -144,7 +151,7 @@ impl StateStore {
             Entry::Vacant(vacant) => {
                 vacant.insert(Slot {
                     value: Value::Counter(delta),
-                    expires: expiry(now, ttl_ms),
+                    expires: expiry(ttl_ms),
                 });
                 delta
             }
@@ -153,9 +160,8 @@ impl StateStore {
 
     /// The value at `key` as text (a counter reads as its decimal value).
     pub(crate) fn get(&self, key: &str) -> Option<String> {
-        let now = Instant::now();
         let slot = self.entries.get(key)?;
-        if !slot.live(now) {
+        if !slot.live_now() {
             return None;
         }
         match &slot.value {
@@ -174,11 +180,33 @@ impl StateStore {
         value: &str,
         ttl_ms: u64,
     ) -> Result<(), Option<String>> {
-        let now = Instant::now();
         let fresh = || Slot {
             value: Value::Text(Box::from(value)),
-            expires: expiry(now, ttl_ms),
+            expires: expiry(ttl_ms),
         };
+        // The current value, if `expected` it is not; `Ok` when it is.
+        let judge = |slot: &Slot| -> Result<(), Option<String>> {
+            match (&slot.value, slot.live_now()) {
+                (Value::Text(text), true) if Some(&**text) == expected => Ok(()),
+                (Value::Text(text), true) => Err(Some(text.to_string())),
+                (Value::Counter(n), true) => {
+                    let current = n.to_string();
+                    if Some(current.as_str()) == expected {
+                        Ok(())
+                    } else {
+                        Err(Some(current))
+                    }
+                }
+                _ if expected.is_none() => Ok(()),
+                _ => Err(None),
+            }
+        };
+        // Fast path: the key exists; no allocation unless the swap happens.
+        if let Some(mut slot) = self.entries.get_mut(key) {
+            judge(&slot)?;
+            *slot = fresh();
+            return Ok(());
+        }
         match self.entries.entry(Box::from(key)) {
             Entry::Vacant(vacant) => match expected {
                 None => {
@@ -188,18 +216,11 @@ impl StateStore {
                 Some(_) => Err(None),
             },
             Entry::Occupied(mut occupied) => {
+                // Another caller created it between our two lookups.
                 let slot = occupied.get_mut();
-                let current = match (&slot.value, slot.live(now)) {
-                    (Value::Counter(n), true) => Some(n.to_string()),
-                    (Value::Text(text), true) => Some(text.to_string()),
-                    _ => None,
-                };
-                if current.as_deref() == expected {
-                    *slot = fresh();
-                    Ok(())
-                } else {
-                    Err(current)
-                }
+                judge(slot)?;
+                *slot = fresh();
+                Ok(())
             }
         }
     }
@@ -435,5 +456,26 @@ mod tests {
         assert_eq!(store.get("k").as_deref(), Some("2"));
         store.remove("k");
         assert_eq!(store.get("k"), None);
+
+        // A counter compares as its decimal value.
+        store.counter_add("n", 7, 0);
+        assert_eq!(
+            store.compare_and_swap("n", Some("8"), "x", 0),
+            Err(Some("7".to_string()))
+        );
+        assert_eq!(
+            store.compare_and_swap("n", None, "x", 0),
+            Err(Some("7".to_string()))
+        );
+        assert_eq!(store.compare_and_swap("n", Some("7"), "x", 0), Ok(()));
+        assert_eq!(store.get("n").as_deref(), Some("x"));
+
+        // An expired value counts as absent, and the new one's expiry holds.
+        assert_eq!(store.compare_and_swap("t", None, "old", 1), Ok(()));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(store.get("t"), None);
+        assert_eq!(store.compare_and_swap("t", Some("old"), "x", 0), Err(None));
+        assert_eq!(store.compare_and_swap("t", None, "new", 0), Ok(()));
+        assert_eq!(store.get("t").as_deref(), Some("new"));
     }
 }
