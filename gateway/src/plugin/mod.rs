@@ -568,7 +568,9 @@ impl Plugin {
         {
             return Ok(instance);
         }
-        self.instantiate().await.map_err(|e| {
+        // Boxed: a new instance is rare, and its future (~2.5 KiB) would
+        // otherwise sit in every hook call's.
+        Box::pin(self.instantiate()).await.map_err(|e| {
             let message = match e {
                 InstantiateError::Init(m) => format!("init failed: {m}"),
                 InstantiateError::Other(m) => m,

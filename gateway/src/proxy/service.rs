@@ -265,7 +265,8 @@ async fn proxy(
         .is_some()
         .then(|| request.parts.extensions.remove::<OnUpgrade>())
         .flatten();
-    let mut forwarded_head = rewrites.then(|| request.copy_head());
+    // Boxed: only requests whose responses policies rewrite hold a copy.
+    let mut forwarded_head = rewrites.then(|| Box::new(request.copy_head()));
     let hop = ClientHop {
         ip: conn.peer.ip(),
         https: conn.https,
@@ -305,16 +306,21 @@ async fn proxy(
     let mut tried: Vec<u32> = Vec::new();
     let mut attempt = 1;
     let (endpoint, sent) = loop {
-        let (back, picked, queued) = pick_endpoint(
-            request,
-            endpoints,
-            &upstream.pool,
-            balancer,
-            &tried,
-            deadline,
-        )
-        .await;
-        request = back;
+        let (picked, queued) = match balancer {
+            None if tried.is_empty() => core_pick(endpoints, &upstream.pool, deadline).await,
+            None => (
+                Ok(core_retry_pick(endpoints, &upstream.pool, &tried)),
+                false,
+            ),
+            // Boxed: the request is lent to the plugin, and its future
+            // would otherwise sit in every request's future.
+            Some(balancer) => {
+                let pick = plugin_pick(request, endpoints, &upstream.pool, balancer, &tried);
+                let (back, picked) = Box::pin(pick).await;
+                request = back;
+                (picked, false)
+            }
+        };
         let picked = match picked {
             Ok(Some(endpoint)) => Ok(endpoint),
             Ok(None) => Err((
@@ -495,7 +501,7 @@ async fn proxy(
     if let Some(mut head) = forwarded_head.take() {
         head.endpoint = Some(endpoint.addr);
         let (parts, body) = response.into_parts();
-        let (parts, rewritten) = Box::pin(chain.on_response(balancer, head, parts)).await;
+        let (parts, rewritten) = Box::pin(chain.on_response(balancer, *head, parts)).await;
         if let Err(plugin) = rewritten {
             return policy_failed(plugin, outcome);
         }
@@ -512,56 +518,38 @@ enum PickFailed {
     QueueTimedOut,
 }
 
-/// Picks the endpoint for a try: the balancer plugin's choice (or, on its
-/// failure with `on_error = "open"`, the core's), or the core's weighted
-/// rotation. The core passes over endpoints whose connections in `pool`
-/// are all busy at `max_connections` while another has room, as HAProxy's
-/// round-robin skips a full server: a stalled backend then costs no wait
-/// to requests the other backends could serve at once. When all are full,
-/// a first try waits in the upstream's queue until `deadline` and goes to
-/// whichever endpoint frees a connection first (HAProxy's backend queue);
-/// the third value says it waited. A plugin's pick is kept as it is, and
-/// waits at its endpoint. A retry avoids the endpoints in `tried` while
-/// any other is a candidate, and waits at the one it picks.
-async fn pick_endpoint<'a>(
+/// The balancer plugin's pick for a try (or, on its failure with
+/// `on_error = "open"`, the core's). The plugin's choice is kept as it is
+/// and waits at its endpoint for a connection; a retry avoids the
+/// endpoints in `tried` while any other is a candidate. (Without a plugin,
+/// [`core_pick`] picks a first try and [`core_retry_pick`] a retry.)
+async fn plugin_pick<'a>(
     request: RequestState,
     endpoints: &'a Arc<EndpointSet>,
     pool: &Pool,
-    balancer: Option<&Arc<Plugin>>,
+    balancer: &Arc<Plugin>,
     tried: &[u32],
-    deadline: Instant,
-) -> (RequestState, Result<Option<&'a Endpoint>, PickFailed>, bool) {
-    let Some(balancer) = balancer else {
-        if !tried.is_empty() {
-            return (request, Ok(core_retry_pick(endpoints, pool, tried)), false);
-        }
-        let (picked, queued) = core_pick(endpoints, pool, deadline).await;
-        return (request, picked, queued);
-    };
+) -> (RequestState, Result<Option<&'a Endpoint>, PickFailed>) {
     let candidates = endpoints.candidates();
     if candidates.len() == 0 {
-        return (request, Ok(None), false);
+        return (request, Ok(None));
     }
-    let (request, picked) = Box::pin(balancer.pick(request, endpoints, &candidates)).await;
+    let (request, picked) = balancer.pick(request, endpoints, &candidates).await;
     let picked = match picked {
         Ok(position) => position.and_then(|p| endpoints.at(&candidates, p)),
         Err(failure) => match apply_on_error(balancer, "pick", &failure) {
             None => core_retry_pick(endpoints, pool, tried),
             Some(_) => {
-                return (
-                    request,
-                    Err(PickFailed::Policy(balancer.name.clone())),
-                    false,
-                );
+                return (request, Err(PickFailed::Policy(balancer.name.clone())));
             }
         },
     };
     let retry_elsewhere = picked.is_some_and(|e| tried.contains(&e.id))
         && candidates.ids.iter().any(|id| !tried.contains(id));
     if retry_elsewhere {
-        return (request, Ok(endpoints.pick_weighted_untried(tried)), false);
+        return (request, Ok(endpoints.pick_weighted_untried(tried)));
     }
-    (request, Ok(picked), false)
+    (request, Ok(picked))
 }
 
 /// The core's weighted rotation for a first try: the next endpoint with
