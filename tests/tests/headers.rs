@@ -126,6 +126,16 @@ fn traceparent(seen: &http::HeaderMap) -> (String, String, String) {
     (parts[1].into(), parts[2].into(), parts[3].into())
 }
 
+/// A request carrying `traceparent` and a vendor's `tracestate`.
+fn traced(traceparent: &'static str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut req = get("app.test", "/");
+    req.headers_mut()
+        .insert("traceparent", HeaderValue::from_static(traceparent));
+    req.headers_mut()
+        .insert("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
+    req
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traceparent_is_joined_or_started() -> anyhow::Result<()> {
     let origin = Origin::echo("app").await?;
@@ -138,13 +148,7 @@ async fn traceparent_is_joined_or_started() -> anyhow::Result<()> {
 
     // The client's trace is joined: same trace id and flags, the gateway's
     // span as the parent, tracestate untouched.
-    let mut req = get("app.test", "/");
-    req.headers_mut().insert(
-        "traceparent",
-        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
-    );
-    req.headers_mut()
-        .insert("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
+    let req = traced("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
     assert_eq!(fetch(gateway.addr("web"), req).await?.status, 200);
     let joined = seen("joined")?;
     let (trace, parent, flags) = traceparent(&joined.headers);
@@ -173,13 +177,7 @@ async fn traceparent_is_joined_or_started() -> anyhow::Result<()> {
 
     // A malformed one (uppercase hex) starts a new trace and drops the
     // broken trace's tracestate.
-    let mut req = get("app.test", "/");
-    req.headers_mut().insert(
-        "traceparent",
-        HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01"),
-    );
-    req.headers_mut()
-        .insert("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
+    let req = traced("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01");
     assert_eq!(fetch(gateway.addr("web"), req).await?.status, 200);
     let restarted = seen("malformed")?;
     let (trace, _, _) = traceparent(&restarted.headers);
