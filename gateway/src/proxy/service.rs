@@ -556,9 +556,12 @@ async fn plugin_pick<'a>(
 }
 
 /// The core's weighted rotation for a first try: the next endpoint with
-/// room in `pool`; when every one is full, the first to have room once
-/// this request's turn in the upstream's queue comes, waiting until
-/// `deadline`. The second value says whether it waited.
+/// room in `pool` (passing over endpoints whose connections are all busy
+/// at `max_connections`, as HAProxy's round-robin skips a full server, so
+/// a stalled backend costs no wait to requests another could serve at
+/// once); when every one is full, the first to have room once this
+/// request's turn in the upstream's queue comes (HAProxy's backend queue),
+/// waiting until `deadline`. The second value says whether it waited.
 async fn core_pick<'a>(
     endpoints: &'a EndpointSet,
     pool: &Pool,
