@@ -158,22 +158,15 @@ async fn traceparent_is_joined_or_started() -> anyhow::Result<()> {
     assert_eq!(header(&joined.headers, "tracestate"), ["congo=t61rcWkgMzE"]);
 
     // No traceparent: a sampled trace starts; each request its own.
-    assert_eq!(
-        fetch(gateway.addr("web"), get("app.test", "/"))
-            .await?
-            .status,
-        200
-    );
-    let (first, _, flags) = traceparent(&seen("started")?.headers);
-    assert_eq!(flags, "01");
-    assert_eq!(
-        fetch(gateway.addr("web"), get("app.test", "/"))
-            .await?
-            .status,
-        200
-    );
-    let (second, _, _) = traceparent(&seen("started again")?.headers);
-    assert_ne!(first, second);
+    let mut started = Vec::new();
+    for what in ["started", "started again"] {
+        let reply = fetch(gateway.addr("web"), get("app.test", "/")).await?;
+        assert_eq!(reply.status, 200);
+        let (trace, _, flags) = traceparent(&seen(what)?.headers);
+        assert_eq!(flags, "01", "{what}");
+        started.push(trace);
+    }
+    assert_ne!(started[0], started[1]);
 
     // A malformed one (uppercase hex) starts a new trace and drops the
     // broken trace's tracestate.
