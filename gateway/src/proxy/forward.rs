@@ -176,14 +176,19 @@ pub(crate) fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
 
 /// 32 lower-case hex digits of randomness.
 fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut random = fastrand::u128(..);
     let mut text = [0u8; 32];
-    for byte in &mut text {
-        *byte = HEX[(random & 0xf) as usize];
-        random >>= 4;
-    }
+    put_hex(&mut text, fastrand::u128(..));
     HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Writes the low `out.len()` hex digits of `value` into `out`, lowercase,
+/// most significant first.
+pub(super) fn put_hex(out: &mut [u8], mut value: u128) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for digit in out.iter_mut().rev() {
+        *digit = HEX[(value & 0xf) as usize];
+        value >>= 4;
+    }
 }
 
 /// Moves an HTTP/1 request's path and header values out of the connection's

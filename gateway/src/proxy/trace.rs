@@ -11,6 +11,8 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+use super::forward::put_hex;
+
 /// `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// `tracestate`: vendors' entries, opaque to the gateway.
@@ -78,15 +80,6 @@ impl TraceContext {
         put_hex(&mut text[53..55], u128::from(self.flags));
         // Hex digits and dashes: always a valid header value.
         HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
-    }
-}
-
-/// Writes the low `out.len()` hex digits of `value` into `out`, lowercase.
-fn put_hex(out: &mut [u8], mut value: u128) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for digit in out.iter_mut().rev() {
-        *digit = HEX[(value & 0xf) as usize];
-        value >>= 4;
     }
 }
 
