@@ -95,6 +95,24 @@ impl Slot {
     fn live_now(&self) -> bool {
         self.expires.is_none_or(|at| at > Instant::now())
     }
+
+    /// Adds `delta` to a live counter; anything else (text, a rate limit's
+    /// arrival time, an expired value) becomes a fresh counter of `delta`
+    /// expiring `ttl_ms` from now. Most counters never expire: the clock is
+    /// read only for those that do.
+    fn add(&mut self, delta: i64, ttl_ms: u64) -> i64 {
+        if self.live_now()
+            && let Value::Counter(n) = &mut self.value
+        {
+            *n = n.saturating_add(delta);
+            return *n;
+        }
+        *self = Slot {
+            value: Value::Counter(delta),
+            expires: expiry(ttl_ms),
+        };
+        delta
+    }
 }
 
 /// When a key stored now with `ttl_ms` expires; the clock is read only for
@@ -113,41 +131,13 @@ impl StateStore {
     /// Adds `delta` to counter `key`; see the WIT `state.counter-add`.
     /// A key holding text is replaced by a fresh counter.
     pub(crate) fn counter_add(&self, key: &str, delta: i64, ttl_ms: u64) -> i64 {
-        // Most counters never expire: the clock is read only for those that do.
         // Fast path: the key exists; no allocation.
         if let Some(mut slot) = self.entries.get_mut(key) {
-            let live = slot.live_now();
-            match (&mut slot.value, live) {
-                (Value::Counter(n), true) => {
-                    *n = n.saturating_add(delta);
-                    return *n;
-                }
-                _ => {
-                    slot.value = Value::Counter(delta);
-                    slot.expires = expiry(ttl_ms);
-                    return delta;
-                }
-            }
+            return slot.add(delta, ttl_ms);
         }
         match self.entries.entry(Box::from(key)) {
-            Entry::Occupied(mut occupied) => {
-                // Another caller created it between our two lookups.
-                let slot = occupied.get_mut();
-                let live = slot.live_now();
-                match (&mut slot.value, live) {
-                    (Value::Counter(n), true) => {
-                        *n = n.saturating_add(delta);
-                        *n
-                    }
-                    _ => {
-                        *slot = Slot {
-                            value: Value::Counter(delta),
-                            expires: expiry(ttl_ms),
-                        };
-                        delta
-                    }
-                }
-            }
+            // Another caller created it between our two lookups.
+            Entry::Occupied(mut occupied) => occupied.get_mut().add(delta, ttl_ms),
             Entry::Vacant(vacant) => {
                 vacant.insert(Slot {
                     value: Value::Counter(delta),
