@@ -26,7 +26,8 @@
 #          key), Sluice builtin:rate-limit 1000000r/s keyed by route (compare-sluice-limit.toml :9503)
 #   chain  Sluice's full edge chain: rate-limit + circuit-breaker + geo + Wasm round-robin
 #          (compare-sluice-chain.toml :9504) against the peers running plain; every client sends
-#          X-Forwarded-For: 193.99.144.80 (geo trusts loopback, looks it up: DE)
+#          X-Forwarded-For: 193.99.144.80 (geo trusts loopback, looks it up: DE); sluice-floor
+#          (compare-sluice-floor.toml :9505) makes the same five plugin calls with no policy work
 #   tls    TLS 1.3 termination with an ECDSA P-256 certificate made by openssl at start
 #          (nginx ssl_protocols TLSv1.3, HAProxy ssl-min-ver TLSv1.3; Sluice compare-sluice-tls.toml :9543)
 #   c10k   C10K_CONNS (10,000) concurrent keep-alive connections, wrk -t$C10K_THREADS; nginx
@@ -105,7 +106,7 @@ NCPU=$(nproc)
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 
-TSV_HEADER='scenario	workers	load	loaddesc	target	kind	round	rps	p50ms	p99ms	requests	errors	proxy_cpu_s	elapsed	proxy_pct	wrk_pct	backend_pct	sys_pct	other_pct	hwm_kib	fds	estab	b1_req	b2_req'
+TSV_HEADER='scenario	workers	load	loaddesc	target	kind	round	rps	p50ms	p99ms	requests	errors	proxy_cpu_s	elapsed	proxy_pct	wrk_pct	backend_pct	sys_pct	other_pct	hwm_kib	fds	estab	b1_req	b2_req	proxy_sys_s'
 
 # ---------------------------------------------------------------- report (from runs.tsv files)
 tables() { # runs.tsv... -> markdown tables, one per (scenario, workers, load)
@@ -116,6 +117,8 @@ tables() { # runs.tsv... -> markdown tables, one per (scenario, workers, load)
     function keep(t, s) {
       add(t, s "rps", $H["rps"]); add(t, s "p50", $H["p50ms"]); add(t, s "p99", $H["p99ms"]); add(t, s "pct", $H["proxy_pct"])
       if ($H["requests"] + 0 > 0) add(t, s "cpu", 100000 * $H["proxy_cpu_s"] / $H["requests"])
+      # runs.tsv files from before 2026-12-05 have no proxy_sys_s
+      if (("proxy_sys_s" in H) && $H["proxy_cpu_s"] + 0 > 0) add(t, s "ker", 100 * $H["proxy_sys_s"] / $H["proxy_cpu_s"])
     }
     function num(v, f) { return (v == "nan" || v == "") ? "–" : sprintf(f, v) }
     FNR == 1 { delete H; for (i = 1; i <= NF; i++) H[$i] = i; next }
@@ -146,16 +149,16 @@ tables() { # runs.tsv... -> markdown tables, one per (scenario, workers, load)
           if (estab[t] > 0 || fds[t] > 0) isc10k = 1
         }
         printf "\n### %s — %s worker%s — %s\n\n", KP[1], KP[2], (KP[2] == 1 ? "" : "s"), desc[key]
-        printf "| target | clean/all runs | req/s | p50 ms | p99 ms | CPU s /100k req | proxy CPU %% | peak RSS MiB | errors | × best peer | × best nginx | b1:b2 |%s\n", isc10k ? " open fds (mid-run) | client conns (mid-run) |" : ""
-        printf "|---|---|---|---|---|---|---|---|---|---|---|---|%s\n", isc10k ? "---|---|" : ""
+        printf "| target | clean/all runs | req/s | p50 ms | p99 ms | CPU s /100k req | kernel %% of CPU | proxy CPU %% | peak RSS MiB | errors | × best peer | × best nginx | b1:b2 |%s\n", isc10k ? " open fds (mid-run) | client conns (mid-run) |" : ""
+        printf "|---|---|---|---|---|---|---|---|---|---|---|---|---|%s\n", isc10k ? "---|---|" : ""
         for (i = 1; i <= nt[key]; i++) {
           t = key SUBSEP name[key, i]; s = sel[t]
           split1 = (b1[t] + b2[t] > 0) ? sprintf("%.0f:%.0f", 100 * b1[t] / (b1[t] + b2[t]), 100 * b2[t] / (b1[t] + b2[t])) : "–"
           rb = (best > 0 && r[t] != "nan") ? sprintf("%.2f", r[t] / best) : "–"
           rn = (bestn > 0 && r[t] != "nan") ? sprintf("%.2f", r[t] / bestn) : "–"
-          printf "| %s | %d/%d%s | %s | %s | %s | %s | %s | %s | %d | %s | %s | %s |", name[key, i], clean[t], all[t], (s == "a" ? " (all noisy)" : ""), \
+          printf "| %s | %d/%d%s | %s | %s | %s | %s | %s | %s | %s | %d | %s | %s | %s |", name[key, i], clean[t], all[t], (s == "a" ? " (all noisy)" : ""), \
             num(r[t], "%.0f"), num(med(L[t, s "p50"]), "%.2f"), num(med(L[t, s "p99"]), "%.2f"), \
-            num(med(L[t, s "cpu"]), "%.2f"), num(med(L[t, s "pct"]), "%.0f"), \
+            num(med(L[t, s "cpu"]), "%.2f"), num(med(L[t, s "ker"]), "%.0f"), num(med(L[t, s "pct"]), "%.0f"), \
             (hwm[t] > 0 ? sprintf("%.1f", hwm[t] / 1024) : "–"), errs[t], rb, rn, split1
           if (isc10k) printf " %s | %s |", (fds[t] > 0 ? fds[t] : "–"), (estab[t] > 0 ? estab[t] : "–")
           printf "\n"
@@ -164,7 +167,7 @@ tables() { # runs.tsv... -> markdown tables, one per (scenario, workers, load)
     }' "$@"
   echo
   echo "Columns: req/s, p50, p99, CPU and proxy CPU % are medians over clean runs (unrelated CPU < ${OTHER_MAX}% of a core; \"(all noisy)\": no clean run, all runs used)."
-  echo "CPU s /100k req = the proxy's process-group CPU time (/proc/<pid>/stat) during the run ÷ requests × 100,000; proxy CPU % is of one core."
+  echo "CPU s /100k req = the proxy's process-group CPU time (/proc/<pid>/stat) during the run ÷ requests × 100,000; kernel % of CPU = its system time ÷ that CPU time; proxy CPU % is of one core."
   echo "peak RSS = largest VmHWM summed over the proxy's processes (nginx: master + workers, so shared pages count more than once). errors = socket errors + non-2xx, summed over all runs."
   echo "× best peer / × best nginx: req/s ÷ the best nginx-or-HAProxy / best nginx row of the same table. b1:b2 = share of requests each backend served (stub_status)."
 }
@@ -476,7 +479,8 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
                add_target sluice-rr sluice http://127.0.0.1:9501/ wrk
                add_target sluice-native sluice http://127.0.0.1:9502/ wrk ;;
         limit) add_target sluice-limit sluice http://127.0.0.1:9503/ wrk ;;
-        chain) add_target sluice-chain sluice http://127.0.0.1:9504/ wrk ;;
+        chain) add_target sluice-chain sluice http://127.0.0.1:9504/ wrk
+               add_target sluice-floor sluice http://127.0.0.1:9505/ wrk ;;
         c10k)  add_target sluice-native sluice http://127.0.0.1:9502/ wrk ;;
       esac ;;
     tls)
@@ -512,6 +516,7 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
       sluice-native|sluice-h2c) start_sluice "$t" "$ROOT/bench/compare-sluice-native.toml" "$w" ;;
       sluice-limit) start_sluice "$t" "$ROOT/bench/compare-sluice-limit.toml" "$w" ;;
       sluice-chain) start_sluice "$t" "$ROOT/bench/compare-sluice-chain.toml" "$w" ;;
+      sluice-floor) start_sluice "$t" "$ROOT/bench/compare-sluice-floor.toml" "$w" ;;
       sluice-tls|sluice-h2tls) manifest=$W/compare-sluice-tls.toml; start_sluice "$t" "$manifest" "$w" ;;
       *) die "no start rule for $t" ;;
     esac
@@ -523,14 +528,14 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
 }
 
 # ---------------------------------------------------------------- measurement helpers
-ticks_pg() { # sum utime+stime (ticks) of all live processes in process group $1
+ticks_pg() { # sum utime+stime (ticks) of all live processes in process group $1; "sys" as $2: stime only
   local pg=$1 t=0 p s
   local -a fields
   for p in $(pgrep -g "$pg"); do
     read -r s <"/proc/$p/stat" 2>/dev/null || continue
     s=${s##*) }
     read -r -a fields <<<"$s"
-    t=$(( t + fields[11] + fields[12] ))
+    if [[ ${2:-} == sys ]]; then t=$(( t + fields[12] )); else t=$(( t + fields[11] + fields[12] )); fi
   done
   echo "$t"
 }
@@ -587,9 +592,9 @@ printf '%s\n' "$TSV_HEADER" >"$TSV"
 run_one() { # scenario workers load target round dur
   local s=$1 w=$2 l=$3 t=$4 r=$5 d=$6
   local f="$W/raw/${s}_w${w}_${l}_${t}_r${r}.txt" pg=${PG[$t]}
-  local s10 s20 s1 s2 p0 p1 b0 b1 y0 y1 t0 t1 fds=0 estab=0 hwm lat=""
+  local s10 s20 s1 s2 p0 p1 k0 k1 b0 b1 y0 y1 t0 t1 fds=0 estab=0 hwm lat=""
   s10=$(stub 9101); s20=$(stub 9102)
-  p0=$(ticks_pg "$pg"); b0=$(( $(ticks_pg "${PG[b1]}") + $(ticks_pg "${PG[b2]}") )); y0=$(sys_ticks)
+  p0=$(ticks_pg "$pg"); k0=$(ticks_pg "$pg" sys); b0=$(( $(ticks_pg "${PG[b1]}") + $(ticks_pg "${PG[b2]}") )); y0=$(sys_ticks)
   t0=$(date +%s.%N)
   start_load "$t" "$l" "$d" "$f"
   if [[ $l == c10k ]]; then
@@ -599,7 +604,7 @@ run_one() { # scenario workers load target round dur
   fi
   wait "$LOAD_PID"; LOAD_PID=
   t1=$(date +%s.%N)
-  p1=$(ticks_pg "$pg"); b1=$(( $(ticks_pg "${PG[b1]}") + $(ticks_pg "${PG[b2]}") )); y1=$(sys_ticks)
+  p1=$(ticks_pg "$pg"); k1=$(ticks_pg "$pg" sys); b1=$(( $(ticks_pg "${PG[b1]}") + $(ticks_pg "${PG[b2]}") )); y1=$(sys_ticks)
   s1=$(stub 9101); s2=$(stub 9102)
   hwm=$(hwm_pg "$pg")
   if [[ ${TOOL[$t]} == h2load ]]; then   # p50/p99 from the per-request log (µs), then drop it
@@ -612,7 +617,7 @@ run_one() { # scenario workers load target round dur
   fi
   awk -v s="$s" -v w="$w" -v l="$l" -v ld="$(load_desc "$s" "$l" "$d")" -v t="$t" -v kind="${KIND[$t]}" -v r="$r" \
       -v hz="$HZ" -v ncpu="$NCPU" -v el="$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')" \
-      -v p0="$p0" -v p1="$p1" -v b0="$b0" -v b1="$b1" -v y0="$y0" -v y1="$y1" -v lat="$lat" \
+      -v p0="$p0" -v p1="$p1" -v k0="$k0" -v k1="$k1" -v b0="$b0" -v b1="$b1" -v y0="$y0" -v y1="$y1" -v lat="$lat" \
       -v s10="$s10" -v s20="$s20" -v s1="$s1" -v s2="$s2" -v tm="$(tail -n1 "$f.time" 2>/dev/null)" \
       -v hwm="$hwm" -v fds="$fds" -v estab="$estab" '
     # wrk
@@ -639,8 +644,8 @@ run_one() { # scenario workers load target round dur
       sysc  = (Y1[2] > Y0[2]) ? 100 * ncpu * (Y1[1] - Y0[1]) / (Y1[2] - Y0[2]) : 0
       other = sysc - back - wrkc - proxy
       # -1: the stub_status request itself
-      printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%.3f\t%.2f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%d\t%d\t%d\t%d\t%d\n",
-        s, w, l, ld, t, kind, r, rps, LT[1], LT[2], reqs, err, pcpu, el, proxy, wrkc, back, sysc, other, hwm, fds, estab, C[2]-A[2]-1, D[2]-B[2]-1
+      printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%.3f\t%.2f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%d\t%d\t%d\t%d\t%d\t%.3f\n",
+        s, w, l, ld, t, kind, r, rps, LT[1], LT[2], reqs, err, pcpu, el, proxy, wrkc, back, sysc, other, hwm, fds, estab, C[2]-A[2]-1, D[2]-B[2]-1, (k1 - k0) / hz
     }' "$f" >>"$TSV"
   tail -n1 "$TSV" | awk -F'\t' '{printf "  %-18s %-5s r%s %9.0f req/s  p50 %8.2f ms  p99 %8.2f ms  err %d  CPU %5.1f%%  RSS %6.1f MiB  other %5.1f%%%s\n",
     $5, $3, $7, $8, $9, $10, $12, $15, $20 / 1024, $19, ($21 > 0 ? sprintf("  fds %d conns %d", $21, $22) : "")}' >&2
