@@ -28,6 +28,12 @@
 #          (compare-sluice-chain.toml :9504) against the peers running plain; every client sends
 #          X-Forwarded-For: 193.99.144.80 (geo trusts loopback, looks it up: DE); sluice-floor
 #          (compare-sluice-floor.toml :9505) makes the same five plugin calls with no policy work
+#   hooks  four request hooks per request in each proxy's own scripting, each touching one header
+#          the request lacks: nginx-njs (njs js_set, four variables sent as headers), haproxy-lua
+#          (lua-load-per-thread, four http-request Lua actions deleting the header), sluice-hooks
+#          (four builtin:headers policies removing it, compare-sluice-hooks.toml :9506); ref-* rows
+#          are the same proxies plain (nginx-ka256, haproxy, sluice-native), so each row's cost
+#          of programmability shows. Needs the njs module (apt-get install -y libnginx-mod-http-js)
 #   tls    TLS 1.3 termination with an ECDSA P-256 certificate made by openssl at start
 #          (nginx ssl_protocols TLSv1.3, HAProxy ssl-min-ver TLSv1.3; Sluice compare-sluice-tls.toml :9543)
 #   c10k   C10K_CONNS (10,000) concurrent keep-alive connections, wrk -t$C10K_THREADS; nginx
@@ -77,7 +83,7 @@ if [[ -z "${COMPARE_INNER:-}" && -z "${REPORT_ONLY:-}" ]]; then
 fi
 
 ROOT=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
-SCENARIOS=${SCENARIOS:-"plain limit chain tls c10k h2"}
+SCENARIOS=${SCENARIOS:-"plain limit chain hooks tls c10k h2"}
 WORKERS=${WORKERS:-"1 2"}
 ROUNDS=${ROUNDS:-3}
 DUR=${DUR:-6}
@@ -184,6 +190,7 @@ for c in nginx haproxy wrk openssl curl ss pgrep setsid timeout awk sort /usr/bi
   command -v "$c" >/dev/null 2>&1 || die "missing $c (apt-get install -y nginx haproxy wrk curl iproute2 procps time)"
 done
 HAVE_H2LOAD=0; command -v h2load >/dev/null 2>&1 && HAVE_H2LOAD=1
+NJS_MODULE=${NJS_MODULE:-/usr/lib/nginx/modules/ngx_http_js_module.so}
 [[ -x "$SLUICE" ]] || die "no Sluice binary at $SLUICE (cargo build --release -p sluice, or set SLUICE=)"
 SC=()
 NOTES=()
@@ -191,7 +198,8 @@ for s in $SCENARIOS; do
   case $s in
     plain|limit|chain|tls|c10k) SC+=("$s") ;;
     h2) if (( HAVE_H2LOAD )); then SC+=(h2); else NOTES+=("h2 skipped: h2load not installed (apt-get install -y nghttp2-client)"); log "h2 skipped: no h2load"; fi ;;
-    *) die "unknown scenario '$s' (plain limit chain tls c10k h2)" ;;
+    hooks) if [[ -f $NJS_MODULE ]]; then SC+=(hooks); else NOTES+=("hooks skipped: no njs module at $NJS_MODULE (apt-get install -y libnginx-mod-http-js, or set NJS_MODULE)"); log "hooks skipped: no njs module"; fi ;;
+    *) die "unknown scenario '$s' (plain limit chain hooks tls c10k h2)" ;;
   esac
 done
 (( ${#SC[@]} )) || die "no scenario to run"
@@ -316,8 +324,9 @@ $(nginx_temp "$d")
 EOF
 }
 
-write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tls) [forward(1|0)]
-  local d="$W/$1" listen="listen 127.0.0.1:$2" tls="" zone="" limit="" conns=8192 idmap="" fwd=""
+write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tls|hooks) [forward(1|0)]
+  local d="$W/$1" listen="listen 127.0.0.1:$2" tls="" zone="" limit="" conns=8192 idmap="" fwd="" module="" hooks="" \
+    hooked=""
   mkdir -p "$d/tmp"
   if [[ ${6:-$FORWARD_HEADERS} == 1 ]]; then
     # What Sluice's core adds to every forwarded request (README, "What forwarding does"):
@@ -346,9 +355,19 @@ write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tl
     h2tls) listen+=" ssl http2" ;;
     limit) zone="limit_req_zone \$server_name zone=all:1m rate=1000000r/s;"
            limit="limit_req zone=all burst=1000 nodelay;" ;;
+    hooks) # four njs calls per request: each variable is evaluated once, when its header is sent
+           module="load_module $NJS_MODULE;"
+           printf 'function h%s(r) { return r.headersIn["x-absent-%s"] || ""; }\n' 1 1 2 2 3 3 4 4 >"$d/hooks.js"
+           echo 'export default { h1, h2, h3, h4 };' >>"$d/hooks.js"
+           hooks="js_import hooks from $d/hooks.js;"
+           for i in 1 2 3 4; do
+             hooks+=" js_set \$hook$i hooks.h$i;"
+             hooked+=" proxy_set_header X-Absent-$i \$hook$i;"
+           done ;;
   esac
   [[ $5 == tls || $5 == h2tls ]] && tls="ssl_certificate $W/tls/cert.pem; ssl_certificate_key $W/tls/key.pem; ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:1m;"
   cat >"$d/nginx.conf" <<EOF
+$module
 $(nginx_head "$d" "$3" "$conns")
 http {
   access_log off;
@@ -357,6 +376,7 @@ $(nginx_temp "$d")
   keepalive_requests 1000000;
   $zone
   $idmap
+  $hooks
   upstream backends {
     server 127.0.0.1:9101;
     server 127.0.0.1:9102;
@@ -372,14 +392,15 @@ $(nginx_temp "$d")
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       $fwd
+      $hooked
     }
   }
 }
 EOF
 }
 
-write_haproxy() { # name port threads mode(plain|limit|tls|c10k|h2tls)
-  local d="$W/$1" bind="bind 127.0.0.1:$2" maxconn=8000 limit="" strict="" fwd=""
+write_haproxy() { # name port threads mode(plain|limit|tls|c10k|h2tls|hooks)
+  local d="$W/$1" bind="bind 127.0.0.1:$2" maxconn=8000 limit="" strict="" fwd="" lua="" actions=""
   mkdir -p "$d"
   if [[ $FORWARD_HEADERS == 1 ]]; then
     # The same request headers as Sluice's core and the nginx targets add.
@@ -406,12 +427,24 @@ write_haproxy() { # name port threads mode(plain|limit|tls|c10k|h2tls)
     limit) limit="stick-table type integer size 1k expire 10s store http_req_rate(1s)
   http-request track-sc0 int(1)
   http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000000 }" ;;
+    hooks) # four Lua actions per request; a Lua state per thread (no lock shared between threads)
+           cat >"$d/hooks.lua" <<'LUA'
+core.register_action("absent", { "http-req" }, function(txn, name)
+  txn.http:req_del_header(name)
+end, 1)
+LUA
+           lua="lua-load-per-thread $d/hooks.lua"
+           actions="http-request lua.absent x-absent-1
+  http-request lua.absent x-absent-2
+  http-request lua.absent x-absent-3
+  http-request lua.absent x-absent-4" ;;
   esac
   cat >"$d/haproxy.cfg" <<EOF
 global
   nbthread $3
   maxconn $maxconn
   $strict
+  $lua
   # no 'log' lines: logging off
 
 defaults
@@ -427,6 +460,7 @@ frontend fe
   $bind
   $limit
   $fwd
+  $actions
   default_backend be
 
 backend be
@@ -483,6 +517,17 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
                add_target sluice-floor sluice http://127.0.0.1:9505/ wrk ;;
         c10k)  add_target sluice-native sluice http://127.0.0.1:9502/ wrk ;;
       esac ;;
+    hooks)
+      write_nginx nginx-njs 9201 "$w" 256 hooks
+      add_target nginx-njs peer http://127.0.0.1:9201/ wrk
+      write_haproxy haproxy-lua 9301 "$w" hooks
+      add_target haproxy-lua peer http://127.0.0.1:9301/ wrk
+      add_target sluice-hooks sluice http://127.0.0.1:9506/ wrk
+      write_nginx ref-nginx-plain 9202 "$w" 256 plain
+      add_target ref-nginx-plain ref http://127.0.0.1:9202/ wrk
+      write_haproxy ref-haproxy-plain 9302 "$w" plain
+      add_target ref-haproxy-plain ref http://127.0.0.1:9302/ wrk
+      add_target ref-sluice-plain ref http://127.0.0.1:9502/ wrk ;;
     tls)
       for k in $NGINX_KEEPALIVES; do
         write_nginx "nginx-ka$k-tls" $((9201 + i)) "$w" "$k" tls; i=$((i + 1))
@@ -511,12 +556,13 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
   for t in "${TARGETS[@]}"; do
     case $t in
       nginx*|ref-nginx*) start_nginx "$t" ;;
-      haproxy*) start_haproxy "$t" ;;
+      haproxy*|ref-haproxy*) start_haproxy "$t" ;;
       sluice-rr) start_sluice "$t" "$ROOT/bench/compare-sluice-rr.toml" "$w" ;;
-      sluice-native|sluice-h2c) start_sluice "$t" "$ROOT/bench/compare-sluice-native.toml" "$w" ;;
+      sluice-native|sluice-h2c|ref-sluice-plain) start_sluice "$t" "$ROOT/bench/compare-sluice-native.toml" "$w" ;;
       sluice-limit) start_sluice "$t" "$ROOT/bench/compare-sluice-limit.toml" "$w" ;;
       sluice-chain) start_sluice "$t" "$ROOT/bench/compare-sluice-chain.toml" "$w" ;;
       sluice-floor) start_sluice "$t" "$ROOT/bench/compare-sluice-floor.toml" "$w" ;;
+      sluice-hooks) start_sluice "$t" "$ROOT/bench/compare-sluice-hooks.toml" "$w" ;;
       sluice-tls|sluice-h2tls) manifest=$W/compare-sluice-tls.toml; start_sluice "$t" "$manifest" "$w" ;;
       *) die "no start rule for $t" ;;
     esac
@@ -657,7 +703,7 @@ block_loads() { # scenario -> load labels
 }
 load_dur() { case $1 in c10k) echo "$C10K_DUR" ;; h2) echo "$H2_DUR" ;; *) echo "$DUR" ;; esac; }
 nk=$(wc -w <<<"$NGINX_KEEPALIVES")
-ntargets() { case $1 in plain) echo $((nk + 3)) ;; h2) echo $((2 * nk + 4)) ;; *) echo $((nk + 2)) ;; esac; }
+ntargets() { case $1 in plain|chain) echo $((nk + 3)) ;; hooks) echo 6 ;; h2) echo $((2 * nk + 4)) ;; *) echo $((nk + 2)) ;; esac; }
 EST=8
 for s in "${SC[@]}"; do
   for w in $WORKERS; do
