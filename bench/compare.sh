@@ -55,15 +55,16 @@
 # clean runs, unless there are none (then all runs, marked).
 #
 # Knobs (env):
-#   SCENARIOS="plain limit chain tls c10k h2"  WORKERS="1 2"  ROUNDS=3
-#   CONNS="64 256" (wrk -c levels for plain/limit/chain/tls)  DUR=6 (s per wrk run)  WRK_THREADS=1
+#   SCENARIOS="plain limit chain hooks tls c10k h2"  WORKERS="1 2"  ROUNDS=3
+#   CONNS="64 256" (wrk -c levels for plain/limit/chain/hooks/tls)  DUR=6 (s per wrk run)  WRK_THREADS=1
 #   C10K_CONNS=10000 C10K_THREADS=2 C10K_DUR=10   H2_CLIENTS=64 H2_STREAMS=10 H2_DUR=$DUR
+#   NJS_MODULE=/usr/lib/nginx/modules/ngx_http_js_module.so (hooks: nginx's njs module)
 #   ONLY="nginx-ka256 sluice-native ..." (only these targets, by the names in the tables)
 #   FORWARD_HEADERS=1 (the peers add the request headers Sluice's core adds: the client's Host,
 #   X-Forwarded-For/-Proto/-Host, Via, x-request-id when absent, a W3C traceparent joined or
 #   started (from 2026-12-04's eighth session); 0: they add none, as before
 #   2026-12-03's fifth session)  NGINX_KEEPALIVES="32 256"  WARMUP=1 (s per target before the rounds)  OTHER_MAX=15
-#   MAX_TOTAL=3000 (hard wall-clock cap in s: the whole script runs under timeout(1); runs that
+#   MAX_TOTAL=3900 (hard wall-clock cap in s: the whole script runs under timeout(1); runs that
 #   would pass it are skipped and counted)  SLUICE=target/release/sluice  SLUICE_LOG=warn (RUST_LOG)
 #   RESULTS_MD=path (also write the report there)  KEEP=1 (keep the work dir: configs, logs,
 #   raw outputs, runs.tsv)  NICE= (e.g. -5: servers and load generators at higher priority)
@@ -74,7 +75,7 @@
 set -uo pipefail
 set +m   # no job control: background children stay non-leaders, so `setsid cmd &` does not fork
 
-MAX_TOTAL=${MAX_TOTAL:-3000}
+MAX_TOTAL=${MAX_TOTAL:-3900}
 # Hard cap on the whole run. timeout TERMs us (trap -> cleanup) and our process group (the load
 # generators); the servers live in their own sessions and are stopped by cleanup.
 if [[ -z "${COMPARE_INNER:-}" && -z "${REPORT_ONLY:-}" ]]; then
