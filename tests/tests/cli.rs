@@ -646,3 +646,78 @@ fn an_unknown_wasm_profiler_is_refused_by_name() {
         "{stderr}"
     );
 }
+
+/// A call's deadline is wall-clock time, but time the OS keeps the gateway
+/// off the CPU does not count against a call that has barely run. The
+/// process is stopped (SIGSTOP, as an oversubscribed host or a throttled
+/// container would hold it) for longer than the probe's deadline while the
+/// probe's call is busy: the request still succeeds, and the plugin's
+/// statistics show a call that spanned the stop.
+#[test]
+fn a_call_held_off_the_cpu_past_its_deadline_is_not_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = slow_backend(Duration::ZERO, "ok");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let probed = r#"
+[[route]]
+name = "probed"
+match = { path_prefix = "/probed" }
+upstream = "slow"
+policies = ["probe"]
+"#;
+    let text = format!(
+        "[admin]\nlisten = \"{admin}\"\n{}\n[plugin.probe]\nsource = \"{}\"\ndeadline = \"1s\"\non_error = \"closed\"\nmax_host_calls = 1000000000\n",
+        manifest_for(backend, probed),
+        env!("SLUICE_TEST_PROBE_WASM"),
+    );
+    let path = write_manifest(dir.path(), "stopped.toml", &text);
+    let gateway = Running::start_with(&["run", "--workers", "1", "-c"], &path);
+    assert_eq!(get(gateway.addr, "/probed").0, "HTTP/1.1 200 OK");
+
+    let addr = gateway.addr;
+    let busy = thread::spawn(move || {
+        let started = Instant::now();
+        let answer = get_with(addr, "/probed", "x-probe-mode: sleep-ms=400\r\n");
+        (answer, started.elapsed())
+    });
+    // The call busy-waits 400 ms of wall time; stop the process inside it,
+    // for 1.5 s: past the 1 s deadline, of which the call ran ~0.1 s.
+    thread::sleep(Duration::from_millis(100));
+    gateway.signal("STOP");
+    thread::sleep(Duration::from_millis(1500));
+    gateway.signal("CONT");
+    let ((status, body), took) = busy.join().unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    assert!(took >= Duration::from_millis(1500), "answered in {took:?}");
+
+    let (status, plugins) = get(admin, "/plugins");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let plugins: serde_json::Value = serde_json::from_str(&plugins).unwrap();
+    let probe = plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "probe")
+        .unwrap();
+    let stats = &probe["stats"];
+    assert_eq!(stats["errors"], 0, "{stats}");
+    assert_eq!(stats["traps"], 0, "{stats}");
+    assert_eq!(stats["timeouts"], 0, "{stats}");
+    // The probe's calls took 1.5 s in all only if the stop fell inside one
+    // (a call the stop missed busy-waits 0.4 s, the others microseconds).
+    let (status, metrics) = get(admin, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let call_seconds: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("sluice_plugin_call_duration_seconds_sum")
+                && l.contains("plugin=\"probe\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no probe call time in /metrics:\n{metrics}"));
+    assert!(
+        call_seconds >= 1.5,
+        "the stop missed the call: {call_seconds} s of calls, {stats}"
+    );
+}

@@ -21,6 +21,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::sluice::policy::{
     clock, geo, health, hooks, log, metrics, random, state, types,
 };
+use super::engine::EPOCH_TICK;
 use super::geo::GeoDatabase;
 use super::scope::PluginScope;
 use super::shared_state::{RedisStore, StateError};
@@ -49,9 +50,20 @@ pub(crate) const LONG_CALL_TICKS: u32 = 2;
 /// 45-71% with 2 ms turns and 32-72% with turns of one tick (two busy
 /// cores). Longer turns make a call that only just became long (or a plugin
 /// with a long deadline) wait longer for its turn.
-const TURN_TICKS: u32 = (TURN.as_micros() / super::engine::EPOCH_TICK.as_micros()) as u32;
+const TURN_TICKS: u32 = (TURN.as_micros() / EPOCH_TICK.as_micros()) as u32;
 /// A long call's turn (see [`TURN_TICKS`]).
 const TURN: Duration = Duration::from_millis(10);
+
+/// Whole epoch ticks in `budget` (in integers a constant divides: `arm`
+/// runs on every call).
+fn ticks_in(budget: Duration) -> u32 {
+    const TICK_US: u64 = EPOCH_TICK.as_micros() as u64;
+    let micros = budget
+        .as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(budget.subsec_micros()));
+    u32::try_from(micros / TICK_US).unwrap_or(u32::MAX)
+}
 
 /// A hook call made more host calls than its plugin's `max_host_calls`: the
 /// host stops the call there (as a trap would) and discards the instance.
@@ -137,8 +149,11 @@ pub(crate) struct Ctx {
     table: ResourceTable,
     limits: StoreLimits,
     pub(crate) scope: Arc<PluginScope>,
-    /// When the current call must end.
-    pub(crate) deadline: Instant,
+    /// When the current call must end, once it has run for
+    /// `deadline_ticks` (see [`Ctx::out_of_time`]).
+    deadline: Instant,
+    /// Whole epoch ticks in the current call's budget.
+    deadline_ticks: u32,
     /// Epoch ticks the current call has run through (see [`LONG_CALL_TICKS`]).
     ticks: u32,
     /// Ticks a long call has run in its current turn (see [`TURN_TICKS`]).
@@ -199,6 +214,7 @@ impl Ctx {
             limits,
             scope,
             deadline: Instant::now(),
+            deadline_ticks: 0,
             ticks: 0,
             turn: 0,
             long_permit: Arc::default(),
@@ -217,12 +233,14 @@ impl Ctx {
         }
     }
 
-    /// Starts a call that must end by `deadline` and may make
+    /// Starts a call that may run for `budget` from `now` and make
     /// `max_host_calls` host calls. Returns the latest the call can end:
-    /// `deadline` plus what waiting on shared state may add to it.
-    pub(crate) fn arm(&mut self, deadline: Instant) -> Instant {
+    /// its deadline plus what waiting on shared state may add to it.
+    pub(crate) fn arm(&mut self, now: Instant, budget: Duration) -> Instant {
         self.end_call();
+        let deadline = now + budget;
         self.deadline = deadline;
+        self.deadline_ticks = ticks_in(budget);
         self.state_grace = self
             .shared
             .as_ref()
@@ -243,6 +261,21 @@ impl Ctx {
         }
     }
 
+    /// Whether the call must stop, asked at each epoch tick it runs
+    /// through: its deadline (wall-clock time) has passed *and* it has been
+    /// running for its budget. A tick counts only when the guest is running
+    /// as it passes: time the OS keeps the thread off the CPU (an
+    /// oversubscribed host, a CPU-throttled container) or the call spends
+    /// yielded to other requests passes without a tick, and would otherwise
+    /// fail a call of a few microseconds that the thread stopped inside.
+    /// A call that spins sees every tick, and stops within one of its
+    /// deadline as before. A budget under one tick stops at the first tick
+    /// past the deadline.
+    pub(crate) fn out_of_time(&mut self) -> bool {
+        self.ticks = self.ticks.saturating_add(1);
+        self.ticks > self.deadline_ticks && Instant::now() >= self.deadline
+    }
+
     /// What the call does at an epoch tick, its deadline not yet reached:
     /// yield to other requests on its thread. A long call (see
     /// [`LONG_CALL_TICKS`]) runs in turns of [`TURN_TICKS`], each with one
@@ -255,7 +288,6 @@ impl Ctx {
         // tokio's yield_now puts the task at the back of the queue; a plain
         // wake would run it again at once and starve the rest.
         let yield_now = || Box::pin(tokio::task::yield_now());
-        self.ticks = self.ticks.saturating_add(1);
         if self.ticks < LONG_CALL_TICKS {
             return yield_now();
         }
@@ -949,5 +981,19 @@ impl health::Host for Ctx {
             upstream.report_circuit(&self.scope.name, endpoint, state);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_counts_whole_ticks() {
+        assert_eq!(ticks_in(Duration::from_millis(10)), 10);
+        assert_eq!(ticks_in(Duration::from_micros(2_999)), 2);
+        assert_eq!(ticks_in(Duration::from_micros(500)), 0);
+        assert_eq!(ticks_in(Duration::from_secs(1)), 1_000);
+        assert_eq!(ticks_in(Duration::MAX), u32::MAX);
     }
 }

@@ -491,7 +491,7 @@ impl Plugin {
         store.epoch_deadline_callback(|mut ctx| {
             engine::note_guest_running();
             let ctx = ctx.data_mut();
-            if Instant::now() >= ctx.deadline {
+            if ctx.out_of_time() {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 Ok(UpdateDeadline::YieldCustom(1, ctx.pause()))
@@ -806,7 +806,7 @@ impl Plugin {
 /// plus what waiting on shared state may add to it).
 fn arm(store: &mut Store<Ctx>, budget: Duration) -> (Instant, Instant) {
     let now = Instant::now();
-    let latest = store.data_mut().arm(now + budget);
+    let latest = store.data_mut().arm(now, budget);
     store.set_epoch_deadline(1);
     engine::note_guest_running();
     (now, latest)
