@@ -31,7 +31,8 @@
 #   hooks  four request hooks per request in each proxy's own scripting, each touching one header
 #          the request lacks: nginx-njs (njs js_set, four variables sent as headers), haproxy-lua
 #          (lua-load-per-thread, four http-request Lua actions deleting the header), sluice-hooks
-#          (four builtin:headers policies removing it, compare-sluice-hooks.toml :9506); ref-* rows
+#          (four builtin:headers policies removing it, compare-sluice-hooks.toml :9506;
+#          sluice-hooks-one: one policy removing all four, compare-sluice-hooks-one.toml :9507); ref-* rows
 #          are the same proxies plain (nginx-ka256, haproxy, sluice-native), so each row's cost
 #          of programmability shows. Needs the njs module (apt-get install -y libnginx-mod-http-js)
 #   tls    TLS 1.3 termination with an ECDSA P-256 certificate made by openssl at start
@@ -524,6 +525,7 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
       write_haproxy haproxy-lua 9301 "$w" hooks
       add_target haproxy-lua peer http://127.0.0.1:9301/ wrk
       add_target sluice-hooks sluice http://127.0.0.1:9506/ wrk
+      add_target sluice-hooks-one sluice http://127.0.0.1:9507/ wrk
       write_nginx ref-nginx-plain 9202 "$w" 256 plain
       add_target ref-nginx-plain ref http://127.0.0.1:9202/ wrk
       write_haproxy ref-haproxy-plain 9302 "$w" plain
@@ -564,6 +566,7 @@ setup_block() { # scenario workers: writes configs, registers and starts the tar
       sluice-chain) start_sluice "$t" "$ROOT/bench/compare-sluice-chain.toml" "$w" ;;
       sluice-floor) start_sluice "$t" "$ROOT/bench/compare-sluice-floor.toml" "$w" ;;
       sluice-hooks) start_sluice "$t" "$ROOT/bench/compare-sluice-hooks.toml" "$w" ;;
+      sluice-hooks-one) start_sluice "$t" "$ROOT/bench/compare-sluice-hooks-one.toml" "$w" ;;
       sluice-tls|sluice-h2tls) manifest=$W/compare-sluice-tls.toml; start_sluice "$t" "$manifest" "$w" ;;
       *) die "no start rule for $t" ;;
     esac
@@ -704,7 +707,7 @@ block_loads() { # scenario -> load labels
 }
 load_dur() { case $1 in c10k) echo "$C10K_DUR" ;; h2) echo "$H2_DUR" ;; *) echo "$DUR" ;; esac; }
 nk=$(wc -w <<<"$NGINX_KEEPALIVES")
-ntargets() { case $1 in plain|chain) echo $((nk + 3)) ;; hooks) echo 6 ;; h2) echo $((2 * nk + 4)) ;; *) echo $((nk + 2)) ;; esac; }
+ntargets() { case $1 in plain|chain) echo $((nk + 3)) ;; hooks) echo 7 ;; h2) echo $((2 * nk + 4)) ;; *) echo $((nk + 2)) ;; esac; }
 EST=8
 for s in "${SC[@]}"; do
   for w in $WORKERS; do
