@@ -375,6 +375,20 @@ fn get_with(addr: SocketAddr, path: &str, headers: &str) -> (String, String) {
     (status, body)
 }
 
+/// The entry named `name` in the JSON list the admin API answers at `path`.
+fn admin_item(admin: SocketAddr, path: &str, name: &str) -> serde_json::Value {
+    let (status, body) = get(admin, path);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let items: serde_json::Value = serde_json::from_str(&body).unwrap();
+    items
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {path}: {body}"))
+        .clone()
+}
+
 fn manifest_for(backend: SocketAddr, extra_routes: &str) -> String {
     format!(
         r#"
@@ -543,15 +557,11 @@ fn demo_starts_echo_backends_and_the_gateway_in_front_of_them() {
     );
 
     // The admin API counted the three requests: weights 1 and 2.
-    let (status, body) = get(SocketAddr::from(([127, 0, 0, 1], admin_port)), "/upstreams");
-    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
-    let upstreams: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let api = upstreams
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["name"] == "api")
-        .expect("upstream api");
+    let api = admin_item(
+        SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        "/upstreams",
+        "api",
+    );
     assert_eq!(api["balancer"], "weighted");
     assert_eq!(api["endpoints"][0]["selected"], 1, "{api}");
     assert_eq!(api["endpoints"][1]["selected"], 2, "{api}");
@@ -690,15 +700,7 @@ policies = ["probe"]
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     assert!(took >= Duration::from_millis(1500), "answered in {took:?}");
 
-    let (status, plugins) = get(admin, "/plugins");
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    let plugins: serde_json::Value = serde_json::from_str(&plugins).unwrap();
-    let probe = plugins
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "probe")
-        .unwrap();
+    let probe = admin_item(admin, "/plugins", "probe");
     let stats = &probe["stats"];
     assert_eq!(stats["errors"], 0, "{stats}");
     assert_eq!(stats["traps"], 0, "{stats}");
