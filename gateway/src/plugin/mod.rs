@@ -813,7 +813,8 @@ fn arm(store: &mut Store<Ctx>, budget: Duration) -> (Instant, Instant) {
 }
 
 /// Runs one guest call that must end by `latest`. The epoch check stops a
-/// guest running its own code at its deadline, but a guest waiting in the
+/// guest running its own code at its deadline (once it has run that long,
+/// see [`Ctx::out_of_time`]), but a guest waiting in the
 /// host (a WASI sleep or poll, `std::thread::sleep` in Rust, or a long call
 /// waiting for its turn) runs no code to check, so a timer ends the wait at
 /// `latest` instead, as a deadline; the
