@@ -359,13 +359,14 @@ write_nginx() { # name port workers keepalive mode(plain|limit|tls|c10k|h2c|h2tl
            limit="limit_req zone=all burst=1000 nodelay;" ;;
     hooks) # four njs calls per request: each variable is evaluated once, when its header is sent
            module="load_module $NJS_MODULE;"
-           printf 'function h%s(r) { return r.headersIn["x-absent-%s"] || ""; }\n' 1 1 2 2 3 3 4 4 >"$d/hooks.js"
-           echo 'export default { h1, h2, h3, h4 };' >>"$d/hooks.js"
            hooks="js_import hooks from $d/hooks.js;"
+           : >"$d/hooks.js"
            for i in 1 2 3 4; do
+             echo "function h$i(r) { return r.headersIn[\"x-absent-$i\"] || \"\"; }" >>"$d/hooks.js"
              hooks+=" js_set \$hook$i hooks.h$i;"
              hooked+=" proxy_set_header X-Absent-$i \$hook$i;"
-           done ;;
+           done
+           echo 'export default { h1, h2, h3, h4 };' >>"$d/hooks.js" ;;
   esac
   [[ $5 == tls || $5 == h2tls ]] && tls="ssl_certificate $W/tls/cert.pem; ssl_certificate_key $W/tls/key.pem; ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:1m;"
   cat >"$d/nginx.conf" <<EOF
